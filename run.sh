@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: it creates .venv, installs diffquant, then runs a job.
+#   ./run.sh demo [ARGS]   the main job: `diffquant demo` on the built-in models
+#   ./run.sh test [ARGS]   lint + the test suite (what CI runs)
+#   ./run.sh setup         only install
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.installed-$(cat pyproject.toml requirements-cpu.txt | sha1sum | cut -c1-12)
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  if [ ! -f "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch first, pinned: on the CPU reference machine this is the local CPU build; on a GPU
+    # machine install the CUDA build of torch before running this script (see README).
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+      "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt
+    fi
+    "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$STAMP"
+  fi
+}
+
+cmd=${1:-demo}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/diffquant" demo "$@" ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check src tests
+    "$VENV/bin/ruff" format --check src tests
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *) echo "usage: ./run.sh demo|test|setup [ARGS]" >&2; exit 2 ;;
+esac

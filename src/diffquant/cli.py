@@ -1,0 +1,200 @@
+"""The ``diffquant`` command line. It only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffquant.data.fashion_mnist import DataNotFoundError
+from diffquant.models.builtin import BUILTIN_MODELS, DENOISERS, UnknownModelError, WeightsError
+
+app = typer.Typer(
+    help="diffquant: quantize diffusion models, measured.\n\nRun `diffquant COMMAND --help` for examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Errors a user can fix: printed as one line, exit code 2. Anything else is a bug and shows a traceback.
+USER_ERRORS = (DataNotFoundError, UnknownModelError, WeightsError, ValueError, FileNotFoundError, PermissionError)
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        _fail(str(e))
+
+
+def _denoiser(name: str, weights: Path | None = None):
+    from diffquant.models import load_builtin
+
+    if name not in DENOISERS:
+        kind = "a classifier, not a denoiser" if name in BUILTIN_MODELS else "not a built-in model"
+        _fail(f"Unknown model {name!r} ({kind}). Denoisers: {', '.join(DENOISERS)}.")
+    return _run(load_builtin, name, weights)
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"Built-in denoiser: {', '.join(DENOISERS)}.")]
+StepsOpt = Annotated[int, typer.Option(help="Sampler steps.")]
+SamplerOpt = Annotated[str, typer.Option(help="ddim (eta 0), ddpm or dpmsolver++.")]
+SeedOpt = Annotated[int, typer.Option(help="Base seed; sample i uses generator (seed, i).")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = off).")]
+BatchOpt = Annotated[int, typer.Option(help="Images per model call (does not change results).")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(help="A safetensors file to use instead of the shipped weights (e.g. a checkpoint export)."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")]
+
+
+@app.command()
+def models():
+    """List the built-in models.
+
+    Example: diffquant models
+    """
+    from diffquant.models import load_config, weights_path
+
+    for name in BUILTIN_MODELS:
+        cfg = load_config(name)
+        path = weights_path(name)
+        size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "weights missing"
+        typer.echo(f"{name:18s} {cfg['kind']:9s} {size}")
+
+
+@app.command()
+def sample(
+    model: ModelOpt = "fashion-unet",
+    n: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    steps: StepsOpt = 50,
+    sampler: SamplerOpt = "ddim",
+    seed: SeedOpt = 0,
+    guidance: GuidanceOpt = 1.0,
+    out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("grid.png"),
+    ncol: Annotated[int, typer.Option(help="Images per grid row.")] = 10,
+    batch_size: BatchOpt = 250,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Sample a grid of images from a built-in model (classes balanced: image i has class i % 10).
+
+    Example: diffquant sample --model fashion-unet --n 64 --steps 50 --out grid.png
+    """
+    from diffquant.report import save_grid
+    from diffquant.sampling import sample as sample_images
+
+    _threads(threads)
+    m = _denoiser(model, weights)
+    images, _ = _run(sample_images, m, n, steps, sampler, seed, guidance_scale=guidance, batch_size=batch_size)
+    _run(save_grid, images, out, ncol=ncol)
+    typer.echo(f"wrote {out} ({n} images, {sampler}-{steps}, seed {seed})")
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt = "fashion-unet",
+    n: Annotated[int, typer.Option(help="Number of samples (FD needs >= 2; tables use 5000).")] = 1000,
+    steps: StepsOpt = 50,
+    sampler: SamplerOpt = "ddim",
+    seed: SeedOpt = 0,
+    guidance: GuidanceOpt = 1.0,
+    batch_size: BatchOpt = 250,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Evaluate a built-in model: FD against the shipped training-set statistics and class consistency.
+
+    Example: diffquant eval --model fashion-unet --n 1000 --steps 50 --json
+    """
+    from diffquant.eval import evaluate
+
+    if n < 2:
+        _fail(f"--n must be at least 2 for a covariance, got {n}.")
+    _threads(threads)
+    m = _denoiser(model, weights)
+    result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size, progress=not as_json)
+    result = {"model": model, **result}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:18s} {v}")
+
+
+@app.command()
+def train(
+    kind: Annotated[str, typer.Argument(help="unet, dit or features.")],
+    out: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: runs/KIND).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps (default: the config's).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Checkpoint and stop after this many minutes.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST idx directory.")] = None,
+    export: Annotated[bool, typer.Option(help="When training is complete, write the shipped weights.")] = True,
+    threads: ThreadsOpt = None,
+):
+    """Train (or resume) a built-in model from its config in diffquant/models/configs.
+
+    Running the same command again resumes from the checkpoint. When the run completes, the EMA
+    weights replace the shipped ones (for `features`, also the training-set feature statistics).
+
+    Example: diffquant train unet --max-minutes 120
+    """
+    from diffquant import train as training
+
+    if kind not in training.KIND_TO_MODEL:
+        _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
+    out = out or Path("runs") / kind
+    ckpt = _run(training.train, kind, out, steps, max_minutes, data_dir, threads)
+    done, total = training.checkpoint_progress(ckpt, steps)
+    if done < total:
+        typer.echo(f"stopped at step {done}/{total}; run the same command to resume")
+        return
+    if export:
+        dest = _run(training.export_builtin, kind, ckpt, data_dir)
+        typer.echo(f"exported {', '.join(str(d) for d in dest)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("diffquant-demo"),
+    quick: Annotated[bool, typer.Option(help="Fewer samples and steps (under a minute).")] = False,
+    n: Annotated[int | None, typer.Option(help="Samples per model (default 500, quick 100).")] = None,
+    threads: ThreadsOpt = None,
+):
+    """Run the main job on the built-in models: sample, evaluate, write grids and an HTML report.
+
+    Example: diffquant demo --out diffquant-demo
+    """
+    from diffquant.demo import run_demo
+
+    _threads(threads)
+    report = _run(run_demo, out, quick=quick, n=n)
+    typer.echo(f"report: {report}")
+
+
+def main() -> None:
+    """Entry point of the ``diffquant`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

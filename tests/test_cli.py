@@ -1,0 +1,108 @@
+"""The CLI: each command runs, and bad input gives one clear line and exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from diffquant.cli import EXIT_USER_ERROR, app
+from diffquant.models import weights_path
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def assert_user_error(result, *needles):
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for cmd in ("sample", "eval", "train", "demo", "models"):
+        assert cmd in result.output
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval", "train", "demo", "models"])
+def test_every_command_has_help_with_example(cmd):
+    result = run(cmd, "--help")
+    assert result.exit_code == 0 and "Example: diffquant" in result.output
+
+
+def test_models_lists_builtins():
+    result = run("models")
+    assert result.exit_code == 0
+    assert "fashion-unet" in result.output and "fashion-dit" in result.output
+
+
+def test_sample_writes_png(tmp_path):
+    out = tmp_path / "grid.png"
+    result = run("sample", "--model", "fashion-dit", "--n", "4", "--steps", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_json_keys():
+    result = run("eval", "--model", "fashion-dit", "--n", "20", "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("fd", "class_consistency", "n", "steps", "seconds"):
+        assert key in data
+    assert data["n"] == 20 and data["steps"] == 2 and data["fd"] >= 0 and 0 <= data["class_consistency"] <= 1
+
+
+def test_unknown_model():
+    assert_user_error(run("sample", "--model", "sd15", "--n", "2"), "Unknown model", "fashion-unet")
+
+
+def test_classifier_is_not_a_denoiser():
+    assert_user_error(run("eval", "--model", "fashion-features"), "not a denoiser")
+
+
+def test_unknown_sampler():
+    assert_user_error(run("sample", "--model", "fashion-dit", "--n", "2", "--sampler", "euler"), "Unknown sampler")
+
+
+def test_corrupt_weight_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(weights_path("fashion-dit").read_bytes()[:1000])
+    assert_user_error(run("eval", "--model", "fashion-dit", "--weights", str(bad)), "corrupt")
+
+
+def test_missing_data_directory(tmp_path):
+    result = run("train", "features", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"))
+    assert_user_error(result, "dataset-fashion-mnist", "DIFFQUANT_DATA_DIR")
+
+
+def test_unknown_train_kind(tmp_path):
+    assert_user_error(run("train", "vae"), "unet, dit or features")
+
+
+def test_eval_needs_two_samples():
+    assert_user_error(run("eval", "--model", "fashion-dit", "--n", "1"), "at least 2")
+
+
+def test_demo_quick(tmp_path):
+    result = run("demo", "--quick", "--n", "10", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "fashion-unet" in html and "fashion-dit" in html and "<img" in html
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {r["model"] for r in results["rows"]} == {"fashion-unet", "fashion-dit"}
+    assert (tmp_path / "demo" / "fashion-unet.png").is_file()
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffquant", "sample", "--model", "nope"], capture_output=True, text=True
+    )
+    assert proc.returncode == EXIT_USER_ERROR
+    assert "Unknown model" in proc.stderr and "Traceback" not in proc.stderr
