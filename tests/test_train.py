@@ -31,3 +31,11 @@ def test_diffusion_training_step_and_ema_export(fake_fashion_dir, tmp_path):
     model = load_builtin("fashion-dit", weights=dest)
     name = "dit.proj_out_2.weight"
     assert torch.allclose(model.state_dict()[name], state["ema"][name].half().float())
+
+
+def test_warm_start_from_exported_weights(fake_fashion_dir, tmp_path):
+    ckpt = train("features", tmp_path / "a", steps=2, data_dir=fake_fashion_dir, log=lambda s: None)
+    exported = export_weights(ckpt, tmp_path / "f.safetensors")
+    ckpt = train("features", tmp_path / "b", steps=3, data_dir=fake_fashion_dir, warm_start=exported, log=print)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 3 and state["restart_step"] == 2

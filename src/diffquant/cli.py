@@ -149,6 +149,10 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="Checkpoint and stop after this many minutes.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST idx directory.")] = None,
     export: Annotated[bool, typer.Option(help="When training is complete, write the shipped weights.")] = True,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option(help="Without a checkpoint in --out, start from these exported weights (e.g. the shipped ones)."),
+    ] = None,
     threads: ThreadsOpt = None,
 ):
     """Train (or resume) a built-in model from its config in diffquant/models/configs.
@@ -163,7 +167,7 @@ def train(
     if kind not in training.KIND_TO_MODEL:
         _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
     out = out or Path("runs") / kind
-    ckpt = _run(training.train, kind, out, steps, max_minutes, data_dir, threads)
+    ckpt = _run(training.train, kind, out, steps, max_minutes, data_dir, threads, warm_start)
     done, total = training.checkpoint_progress(ckpt, steps)
     if done < total:
         typer.echo(f"stopped at step {done}/{total}; run the same command to resume")

@@ -67,6 +67,7 @@ def train(
     max_minutes: float | None = None,
     data_dir: str | Path | None = None,
     threads: int | None = None,
+    warm_start: str | Path | None = None,
     log=print,
 ) -> Path:
     """Train (or resume training) a built-in model.
@@ -78,6 +79,8 @@ def train(
         max_minutes: stop (after checkpointing) once this much wall time has passed.
         data_dir: Fashion-MNIST directory (default: see :mod:`diffquant.data`).
         threads: torch intra-op threads.
+        warm_start: when ``out_dir`` has no checkpoint, start from these exported weights (e.g.
+            the shipped ones) at the step recorded in them, with a fresh optimizer.
         log: a callable that receives one progress line.
 
     Returns:
@@ -106,7 +109,7 @@ def train(
     ema = copy.deepcopy(model).requires_grad_(False) if "ema_decay" in tc else None
     opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     g = torch.Generator().manual_seed(tc["seed"])
-    step = 0
+    step = restart_step = 0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ck["model"])
@@ -116,10 +119,24 @@ def train(
         g.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
         step = ck["step"]
+        restart_step = ck.get("restart_step", 0)
         log(f"resumed {ckpt_path} at step {step}")
+    elif warm_start is not None:
+        # Warm restart from exported (EMA) weights when the full checkpoint is gone: model and EMA
+        # start from them, the optimizer starts fresh and the learning rate warms up again.
+        from diffquant.models.builtin import load_weights_into
+
+        load_weights_into(model, warm_start)
+        if ema is not None:
+            ema.load_state_dict(model.state_dict())
+        step = restart_step = _exported_step(warm_start)
+        g.manual_seed(tc["seed"] + step)
+        torch.manual_seed(tc["seed"] + step)
+        log(f"warm restart from {warm_start} at step {step}")
 
     def save():
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total": total, "config": config}
+        state["restart_step"] = restart_step
         state.update(generator=g.get_state(), torch_rng=torch.get_rng_state())
         if ema is not None:
             state["ema"] = ema.state_dict()
@@ -138,7 +155,9 @@ def train(
     cosine = kind == "features"
     while step < total:
         for group in opt.param_groups:
-            group["lr"] = tc["lr"] * _lr_factor(step, tc.get("warmup_steps", 0), total, cosine)
+            group["lr"] = tc["lr"] * _lr_factor(
+                step - restart_step, tc.get("warmup_steps", 0), total - restart_step, cosine
+            )
         idx = torch.randint(0, n, (tc["batch_size"],), generator=g)
         x0 = _augment(x_all[idx], g, tc.get("hflip", False), tc.get("random_shift", 0))
         y = labels[idx]
@@ -197,6 +216,13 @@ def export_weights(ckpt_path: str | Path, dest: str | Path, dtype: torch.dtype =
     save_file(out, str(tmp), metadata={"step": str(ck["step"]), "model": ck["config"]["name"]})
     os.replace(tmp, dest)
     return dest
+
+
+def _exported_step(path: str | Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("step", 0))
 
 
 def checkpoint_progress(ckpt_path: str | Path, steps: int | None = None) -> tuple[int, int]:
