@@ -1,0 +1,244 @@
+"""Pure quantization math: scales, (fake) quantization, weight formats, int4 packing.
+
+Integer grid (``x`` real, ``s`` scale, ``z`` zero point)::
+
+    q = clamp(round(x / s) + z, qmin, qmax)        x_hat = (q - z) * s
+
+Symmetric grids use ``z = 0`` and ``qmax = 2^(b-1) - 1 = -qmin``; asymmetric (activation) grids use
+``qmin = 0, qmax = 2^b - 1`` and ``z = round(-lo / s)``. FP8 E4M3 divides by ``s = amax / 448`` and
+rounds by casting to ``torch.float8_e4m3fn``.
+
+All fake-quant functions are differentiable: rounding uses the straight-through estimator, so
+the gradient w.r.t. ``x`` is 1 inside the clipping range and 0 outside, and the gradient w.r.t.
+``s`` is LSQ's (Esser et al. 2020) — what quantization-aware fine-tuning needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffquant.qtypes import QType
+
+EPS = 1e-12
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def int_range(qtype: QType, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of an integer grid: restricted signed for symmetric, unsigned for asymmetric."""
+    if not qtype.is_int:
+        raise ValueError(f"{qtype} is not an integer format")
+    return (qtype.qmin, qtype.qmax) if symmetric else (0, 2**qtype.bits - 1)
+
+
+def scale_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, qtype: QType, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map the range ``[lo, hi]`` onto the grid of ``qtype``.
+
+    Returns float ``scale`` and float ``zero_point`` tensors (``zero_point`` is 0 for symmetric and
+    float formats); the range is widened to contain 0 so that 0 is exact.
+    """
+    lo = torch.as_tensor(lo, dtype=torch.float32)
+    hi = torch.as_tensor(hi, dtype=torch.float32)
+    if qtype.kind == "float":
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return (amax / qtype.max_value).clamp_min(EPS), torch.zeros_like(amax)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return (amax / qtype.qmax).clamp_min(EPS), torch.zeros_like(amax)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    qmin, qmax = int_range(qtype, symmetric=False)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / s) + z, qmin, qmax)`` as a float tensor holding integers."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_int(q: torch.Tensor, scale, zero_point=0.0) -> torch.Tensor:
+    """``(q - z) * s``."""
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def fake_quant_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize on an integer grid, differentiable (STE for x, LSQ for scale)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def fake_quant_fp8(x: torch.Tensor, scale) -> torch.Tensor:
+    """Quantize-dequantize through ``torch.float8_e4m3fn`` with a scale, differentiable (STE)."""
+    y = torch.clamp(x / scale, -448.0, 448.0)
+    y = y + (y.to(torch.float8_e4m3fn).to(y.dtype) - y).detach()
+    return y * scale
+
+
+def fake_quant(x: torch.Tensor, qtype: QType, scale, zero_point=0.0, symmetric: bool = True) -> torch.Tensor:
+    """Quantize-dequantize ``x`` in ``qtype`` with the given scale (and zero point)."""
+    if qtype.kind == "float":
+        return fake_quant_fp8(x, scale)
+    if qtype.is_int:
+        qmin, qmax = int_range(qtype, symmetric)
+        return fake_quant_int(x, scale, zero_point, qmin, qmax)
+    raise ValueError(f"{qtype} has no activation fake-quant; ternary and binary are weight formats")
+
+
+def dynamic_range(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` per tensor (shape ``()``) or per token.
+
+    Per token reduces over ``channel_dim`` only (the features of a Linear input, the channels of a
+    Conv2d input), keeping it as a size-1 dim for broadcasting.
+    """
+    if granularity == "tensor":
+        return x.detach().amin(), x.detach().amax()
+    if granularity == "token":
+        return x.detach().amin(channel_dim, keepdim=True), x.detach().amax(channel_dim, keepdim=True)
+    raise ValueError(f"granularity must be 'tensor' or 'token', got {granularity!r}")
+
+
+def dynamic_fake_quant(
+    x: torch.Tensor, qtype: QType, granularity: str = "token", symmetric: bool = True, channel_dim: int = -1
+) -> torch.Tensor:
+    """Fake-quantize with a scale computed from ``x`` itself (dynamic quantization)."""
+    lo, hi = dynamic_range(x, granularity, channel_dim)
+    scale, zero_point = scale_from_range(lo, hi, qtype, symmetric)
+    return fake_quant(x, qtype, scale.to(x.dtype), zero_point.to(x.dtype), symmetric)
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+@dataclass
+class QuantizedWeight:
+    """An integer (or FP8 / ternary / binary) weight with its scales.
+
+    ``qdata`` has the original weight's shape for 8-bit formats, and is packed two values per byte
+    (shape ``(out, padded_k // 2)``) for 4-bit and lower integer formats. ``scale`` has shape
+    ``(out, n_groups)``; a group covers ``group_size`` consecutive entries of the flattened
+    ``(out, k)`` weight (``k`` zero-padded to a multiple of ``group_size``).
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    qtype: QType
+    group_size: int
+    packed: bool = False
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight these integers stand for."""
+        out, k = self.shape[0], self.shape[1:].numel()
+        n_groups = self.scale.shape[1]
+        q = unpack_int4(self.qdata) if self.packed else self.qdata.reshape(out, -1)
+        q = q[:, : n_groups * self.group_size].to(torch.float32).reshape(out, n_groups, self.group_size)
+        w = (q * self.scale.to(torch.float32).unsqueeze(-1)).reshape(out, -1)[:, :k]
+        return w.reshape(self.shape).to(dtype)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
+    """View a weight as ``(out, n_groups, group_size)``, zero-padding ``k``; None = per channel."""
+    out = w.shape[0]
+    flat = w.reshape(out, -1)
+    k = flat.shape[1]
+    g = k if group_size is None else group_size
+    if g < 1:
+        raise ValueError(f"group size must be >= 1, got {g}")
+    pad = (-k) % g
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(out, -1, g), g
+
+
+def weight_scale(w: torch.Tensor, qtype: QType, group_size: int | None = None) -> torch.Tensor:
+    """Symmetric per-channel (``group_size=None``) or per-group absmax scales, shape ``(out, n_groups)``."""
+    grouped, _ = _grouped(w.detach(), group_size)
+    if qtype.kind == "ternary":
+        a = grouped.abs()
+        keep = a > 0.7 * a.mean(-1, keepdim=True)  # TWN threshold (Li et al. 2016)
+        return ((a * keep).sum(-1) / keep.sum(-1).clamp_min(1)).clamp_min(EPS)
+    if qtype.kind == "binary":
+        return grouped.abs().mean(-1).clamp_min(EPS)  # XNOR-Net scale (Rastegari et al. 2016)
+    amax = grouped.abs().amax(-1)
+    limit = qtype.max_value if qtype.kind == "float" else qtype.qmax
+    return (amax / limit).clamp_min(EPS)
+
+
+def _weight_codes(grouped: torch.Tensor, scale: torch.Tensor, qtype: QType, ste: bool) -> torch.Tensor:
+    s = scale.unsqueeze(-1)
+    if qtype.kind == "ternary":
+        a = grouped.abs()
+        keep = (a > 0.7 * a.detach().mean(-1, keepdim=True)).to(grouped.dtype)
+        codes = torch.sign(grouped) * keep
+        return grouped / s + (codes - grouped / s).detach() if ste else codes
+    if qtype.kind == "binary":
+        codes = torch.where(grouped >= 0, 1.0, -1.0).to(grouped.dtype)
+        return grouped / s + (codes - grouped / s).detach() if ste else codes
+    if qtype.kind == "float":
+        y = torch.clamp(grouped / s, -qtype.max_value, qtype.max_value)
+        return y + (y.to(torch.float8_e4m3fn).to(y.dtype) - y).detach()
+    rnd = round_ste if ste else torch.round
+    return torch.clamp(rnd(grouped / s), qtype.qmin, qtype.qmax)
+
+
+def fake_quant_weight(
+    w: torch.Tensor, qtype: QType, group_size: int | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize a weight (symmetric, per channel or per group), differentiable (STE/LSQ)."""
+    grouped, _ = _grouped(w, group_size)
+    if scale is None:
+        scale = weight_scale(w, qtype, group_size)
+    codes = _weight_codes(grouped, scale, qtype, ste=True)
+    out = (codes * scale.unsqueeze(-1)).reshape(w.shape[0], -1)[:, : w[0].numel()]
+    return out.reshape(w.shape)
+
+
+def quantize_weight(w: torch.Tensor, qtype: QType, group_size: int | None = None) -> QuantizedWeight:
+    """Quantize a weight for storage: int8/fp8 codes, or int4-and-below codes packed two per byte."""
+    w = w.detach().float()
+    grouped, g = _grouped(w, group_size)
+    scale = weight_scale(w, qtype, group_size)
+    codes = _weight_codes(grouped, scale, qtype, ste=False)
+    if qtype.kind == "float":
+        qdata = codes.to(torch.float8_e4m3fn).reshape(w.shape[0], -1)
+        packed = False
+    elif qtype.bits <= 4:
+        qdata = pack_int4(codes.reshape(w.shape[0], -1).to(torch.int8))
+        packed = True
+    else:
+        qdata = codes.reshape(w.shape[0], -1).to(torch.int8)
+        packed = False
+    if not packed and qdata.shape[1] == w[0].numel():
+        qdata = qdata.reshape(w.shape)
+    return QuantizedWeight(qdata, scale.to(torch.float32), w.shape, qtype, g, packed)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in ``[-8, 7]`` two per byte along the last dim (low nibble first).
+
+    An odd last dim is zero-padded. Returns ``uint8`` of shape ``(..., ceil(n / 2))``.
+    """
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 expects int8 codes, got {q.dtype}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4 needs values in [-8, 7]")
+    if q.shape[-1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4` (returns the padded length): ``uint8`` -> ``int8`` in ``[-8, 7]``."""
+    lo = (p & 0xF).to(torch.int8)
+    hi = (p >> 4).to(torch.int8)
+    both = torch.stack([lo, hi], -1).reshape(*p.shape[:-1], -1)
+    return torch.where(both > 7, both - 16, both)

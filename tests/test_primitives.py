@@ -1,0 +1,150 @@
+"""Quantization math: grids, SQNR floors per format, weight formats, packing; hypothesis properties."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffquant import primitives as P
+from diffquant.eval.metrics import sqnr
+from diffquant.qtypes import binary, fp8_e4m3, get_qtype, int4, int6, int8, qint, ternary
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=64), st.integers(2, 8), st.booleans())
+def test_int_roundtrip_error_at_most_half_a_step_and_codes_in_range(values, bits, symmetric):
+    x = torch.tensor(values)
+    qtype = qint(bits)
+    scale, zp = P.scale_from_range(x.min(), x.max(), qtype, symmetric)
+    qmin, qmax = P.int_range(qtype, symmetric)
+    q = P.quantize_int(x, scale, zp, qmin, qmax)
+    assert q.min() >= qmin and q.max() <= qmax and torch.equal(q, q.round())
+    x_hat = P.dequantize_int(q, scale, zp)
+    # inside the calibrated range, the error is at most half a step (plus float slack)
+    assert (x_hat - x).abs().max() <= scale * 0.5 + 1e-5 * x.abs().max() + 1e-6
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=64), st.floats(1e-3, 10.0))
+def test_clipped_values_land_on_the_grid_edge(values, amax):
+    x = torch.tensor(values)
+    scale, zp = P.scale_from_range(torch.tensor(-amax), torch.tensor(amax), int8, True)
+    y = P.fake_quant(x, int8, scale, zp)
+    assert y.abs().max() <= 127 * scale * (1 + 1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(finite, min_size=2, max_size=32))
+def test_zero_is_exact_on_asymmetric_grids(values):
+    x = torch.tensor([*values, 0.0])
+    scale, zp = P.scale_from_range(x.min(), x.max(), int4, symmetric=False)
+    assert P.fake_quant(x, int4, scale, zp, symmetric=False)[-1] == 0
+
+
+@pytest.mark.parametrize(("qtype", "floor_db"), [(int8, 38.0), (fp8_e4m3, 30.0), (int6, 26.0), (int4, 13.0)])
+def test_activation_sqnr_floor_on_gaussian_data(qtype, floor_db):
+    # a 3-sigma clip keeps int formats near their textbook SQNR (~6 dB per bit)
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    scale, zp = P.scale_from_range(torch.tensor(-4.0), torch.tensor(4.0), qtype, True)
+    assert sqnr(x, P.fake_quant(x, qtype, scale, zp)) > floor_db
+
+
+@pytest.mark.parametrize(
+    ("qtype", "group", "floor_db"),
+    [
+        (int8, None, 38.0),
+        (int4, None, 14.0),
+        (int4, 32, 17.0),
+        (fp8_e4m3, None, 30.0),
+        (ternary, None, 6.0),
+        (binary, None, 4.0),
+    ],
+)
+def test_weight_sqnr_floor(qtype, group, floor_db):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    assert sqnr(w, P.fake_quant_weight(w, qtype, group)) > floor_db
+
+
+def test_dynamic_per_token_beats_per_tensor_on_outlier_tokens():
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    x[3] *= 50  # one loud token
+    per_token = sqnr(x, P.dynamic_fake_quant(x, int8, "token"))
+    per_tensor = sqnr(x, P.dynamic_fake_quant(x, int8, "tensor"))
+    assert per_token > per_tensor + 3
+
+
+def test_static_equals_dynamic_given_the_same_scale():
+    x = torch.randn(8, 32)
+    lo, hi = P.dynamic_range(x, "token")
+    scale, zp = P.scale_from_range(lo, hi, int8, False)
+    static = P.fake_quant(x, int8, scale, zp, symmetric=False)
+    assert torch.equal(static, P.dynamic_fake_quant(x, int8, "token", symmetric=False))
+
+
+def test_fp8_matches_torch_dtype_rounding():
+    x = torch.randn(10_000) * 100
+    scale = torch.tensor(1.0)
+    expected = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(P.fake_quant_fp8(x, scale), expected)
+
+
+def test_ste_gradient_is_identity_inside_and_zero_outside():
+    x = torch.tensor([-3.0, -0.4, 0.2, 0.9, 5.0], requires_grad=True)
+    scale = torch.tensor(1.0 / 127)
+    P.fake_quant(x, int8, scale).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_lsq_gradient_reaches_the_scale():
+    x = torch.randn(100)
+    scale = torch.tensor(0.01, requires_grad=True)
+    P.fake_quant(x, int4, scale).pow(2).sum().backward()
+    assert scale.grad is not None and scale.grad != 0
+
+
+@pytest.mark.parametrize("qtype", [int8, int4, fp8_e4m3, ternary, binary])
+@pytest.mark.parametrize("group", [None, 32, 48])
+def test_stored_weight_dequantizes_to_the_fake_quant_weight(qtype, group):
+    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(3))  # k = 45: ragged groups
+    qw = P.quantize_weight(w, qtype, group)
+    assert torch.allclose(qw.dequantize(), P.fake_quant_weight(w, qtype, group), atol=1e-6, rtol=1e-6)
+    if qtype.bits <= 4 and qtype.is_int:
+        assert qw.packed and qw.qdata.dtype == torch.uint8
+
+
+def test_int4_storage_is_half_a_byte_per_weight():
+    w = torch.randn(128, 256)
+    qw = P.quantize_weight(w, int4, 64)
+    assert qw.qdata.numel() == w.numel() // 2
+
+
+def test_ternary_and_binary_codes():
+    w = torch.tensor([[0.05, -1.0, 2.0, -0.01]])
+    qw = P.quantize_weight(w, ternary)
+    codes = P.unpack_int4(qw.qdata)[0, :4].tolist()
+    assert codes == [0, -1, 1, 0]  # threshold 0.7 * mean|w| = 0.538
+    assert qw.scale.item() == pytest.approx(1.5)  # mean of the kept |w|
+    qb = P.quantize_weight(w, binary)
+    assert P.unpack_int4(qb.qdata)[0, :4].tolist() == [1, -1, 1, -1]
+    assert qb.scale.item() == pytest.approx(0.765)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-8, 7), min_size=1, max_size=65))
+def test_int4_pack_roundtrip(values):
+    q = torch.tensor(values, dtype=torch.int8)
+    assert torch.equal(P.unpack_int4(P.pack_int4(q))[: len(values)], q)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        P.pack_int4(torch.tensor([9], dtype=torch.int8))
+
+
+def test_qtype_lookup():
+    assert get_qtype("int8") == int8 and get_qtype("fp8") == fp8_e4m3 and get_qtype("ternary") == ternary
+    assert int8.qmin == -127 and int8.qmax == 127 and int4.qmax == 7
+    with pytest.raises(ValueError, match="Unknown quantized format"):
+        get_qtype("int16")
