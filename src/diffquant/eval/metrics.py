@@ -27,8 +27,8 @@ def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
 
     Returns ``inf`` when the two are identical.
     """
-    ref = reference.double()
-    noise = (ref - test.double()).pow(2).sum()
+    ref = reference.detach().double()
+    noise = (ref - test.detach().double()).pow(2).sum()
     if noise == 0:
         return math.inf
     return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,173 @@
+"""Calibration on the full-precision model's own sampling trajectory.
+
+The quantized model runs the sampler with weight and activation quantization switched off (so the
+trajectory is the FP one); at the steps the selection picks, its activation quantizers observe
+their inputs. Nothing is stored but the observers' per-step histograms, so memory does not grow
+with the number of calibration samples.
+
+Step selection (see :class:`~diffquant.recipe.CalibrationConfig`): ``single`` (one step),
+``uniform`` (Q-Diffusion, Li et al. 2023: every k-th step), ``ndtc`` (PTQ4DM, Shang et al. 2023:
+per sample, the step nearest ``t = int(N(0.4, 0.4) T)`` clamped to ``[0, T)``), ``all``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffquant.nn.quantizer import ActQuantizer
+from diffquant.observers import make_observer
+from diffquant.recipe import CalibrationConfig, Recipe
+from diffquant.sampling import SamplerConfig, balanced_labels, make_scheduler, sample_batch
+from diffquant.timestep import current_step
+
+
+def selected_rows(config: CalibrationConfig, timesteps: list[int], n: int, num_timesteps: int) -> list[list[int]]:
+    """For each sampler step index, the calibration samples (0..n-1) observed at it."""
+    steps = len(timesteps)
+    rows: list[list[int]] = [[] for _ in range(steps)]
+    everyone = list(range(n))
+    if config.selection == "all":
+        return [everyone[:] for _ in range(steps)]
+    if config.selection == "single":
+        rows[config.single_index % steps] = everyone
+        return rows
+    if config.selection == "uniform":
+        for k in range(0, steps, config.every):
+            rows[k] = everyone[:]
+        return rows
+    # ndtc: t_i = clamp(int(N(mean, std) * T), 0, T - 1); observe sample i at the step nearest t_i
+    rng = np.random.default_rng(config.seed)
+    t_draw = np.clip(
+        (rng.normal(config.ndtc_mean, config.ndtc_std, n) * num_timesteps).astype(int), 0, num_timesteps - 1
+    )
+    ts = np.asarray(timesteps)
+    for i, t in enumerate(t_draw):
+        rows[int(np.abs(ts - t).argmin())].append(i)
+    return rows
+
+
+def step_buckets(timesteps: list[int], buckets: int) -> list[list[int]]:
+    """Split a schedule's time steps (noisiest first) into ``buckets`` contiguous groups."""
+    return [list(map(int, g)) for g in np.array_split(np.asarray(timesteps), buckets) if len(g)]
+
+
+@contextlib.contextmanager
+def observing(quantizers: list[ActQuantizer], on: bool = True):
+    """Switch the observers of ``quantizers`` on (or off) inside the block."""
+    before = [q.observing for q in quantizers]
+    for q in quantizers:
+        q.observing = on
+    try:
+        yield
+    finally:
+        for q, b in zip(quantizers, before, strict=True):
+            q.observing = b
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module):
+    """Run the model in float: weight fake-quant and activation quantizers off (for the FP trajectory)."""
+    from diffquant.nn.modules import QuantModule
+
+    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for m in mods:
+        m.weight_quant_enabled = False
+    for q in quants:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.weight_quant_enabled = True
+        for q in quants:
+            q.enabled = True
+
+
+def _builtin_runner(model: nn.Module, config: CalibrationConfig, observe: Callable, progress: bool) -> list[int]:
+    """Run calibration trajectories of a built-in-style denoiser (``config``, ``num_classes``, ``sample_shape``)."""
+    from tqdm.auto import tqdm
+
+    if not all(hasattr(model, a) for a in ("config", "num_classes", "sample_shape")):
+        raise TypeError(
+            "this model has no built-in sampler settings (config['scheduler'], num_classes, sample_shape); "
+            "pass calibration=run(model, config, observe) that runs its sampler"
+        )
+    schedule = model.config["scheduler"]
+    timesteps = [int(t) for t in make_scheduler(config.sampler, schedule, config.steps).timesteps]
+    rows = selected_rows(config, timesteps, config.n_samples, schedule["num_train_timesteps"])
+    sampler = SamplerConfig(sampler=config.sampler, steps=config.steps, seed=config.seed)
+    bar = tqdm(
+        total=config.n_samples * config.steps, desc="calibrating", unit="step", disable=not progress, leave=False
+    )
+    for lo in range(0, config.n_samples, config.batch_size):
+        hi = min(config.n_samples, lo + config.batch_size)
+        labels = balanced_labels(hi - lo, model.num_classes, lo)
+        batch_rows = [[r - lo for r in rs if lo <= r < hi] for rs in rows]
+
+        def model_fn(x, t, y, batch_rows=batch_rows):
+            return observe(model, x, t, y, batch_rows[current_step().index])
+
+        sample_batch(
+            model_fn, range(lo, hi), labels, sampler, schedule, model.sample_shape, model.num_classes,
+            on_step=lambda *a, m=hi - lo: bar.update(m),
+        )  # fmt: skip
+    bar.close()
+    return timesteps
+
+
+def _observe(model, x, t, y, rows):
+    """The FP model call of one sampler step, observing the selected rows."""
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    if len(rows) == x.shape[0]:
+        with observing(quants):
+            return model(x, t, y)
+    if rows:
+        idx = torch.tensor(rows)
+        with observing(quants):
+            model(x[idx], t[idx], y[idx])
+    return model(x, t, y)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    recipe: Recipe,
+    config: CalibrationConfig | None = None,
+    runner: Callable | None = None,
+    progress: bool = True,
+) -> None:
+    """Observe activations along FP trajectories and set every static/bucketed quantizer's scales.
+
+    Args:
+        model: a model prepared by :func:`diffquant.quantize.prepare`.
+        recipe: gives the observer and the bucket count.
+        config: the calibration (default: ``recipe.calibration``).
+        runner: ``runner(model, config, observe, progress) -> timesteps`` running trajectories for
+            models without built-in sampler settings; it must call ``observe(model, x, t, cond,
+            rows)`` for each model evaluation inside a ``denoising_step`` context and return the
+            schedule's time steps.
+        progress: show a progress bar.
+    """
+    config = config or recipe.calibration
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode != "dynamic"]
+    obs_kwargs = {"percentile": {"percentile": recipe.percentile}, "mse": {"p": recipe.lp_norm}}.get(
+        recipe.observer, {}
+    )
+    for q in quants:
+        q.observer = make_observer(recipe.observer, **obs_kwargs)
+    try:
+        with full_precision(model):
+            timesteps = (runner or _builtin_runner)(model, config, _observe, progress)
+        groups = step_buckets(timesteps, recipe.buckets) if recipe.act_mode == "bucketed" else None
+        for q in quants:
+            q.finalize(groups)
+    finally:
+        for q in quants:
+            q.observer = None
+            q.observing = False

@@ -1,0 +1,180 @@
+"""Quantized ``Linear`` and ``Conv2d``: a weight format, an input quantizer, a float reference path.
+
+Forward (the reference path every fast backend is tested against)::
+
+    y = op(fake_quant_act(x), dequantize(w_q)) + b       # op = F.linear or F.conv2d
+
+Before :meth:`QuantModule.freeze` the weight is a float ``Parameter`` fake-quantized on every call
+(differentiable, for fine-tuning); after it, the weight is stored as integers (``qweight``, packed
+two per byte for 4-bit and lower) with ``weight_scale``, and ``state_dict`` holds only those.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant import primitives as P
+from diffquant.nn.quantizer import ActQuantizer
+from diffquant.qtypes import QType, get_qtype
+
+QMODULES: dict[type[nn.Module], type[QuantModule]] = {}
+
+
+def register_qmodule(float_cls: type[nn.Module]):
+    """Class decorator: register a quantized module as the replacement of ``float_cls``."""
+
+    def wrap(cls):
+        QMODULES[float_cls] = cls
+        return cls
+
+    return wrap
+
+
+class QuantModule(nn.Module):
+    """Shared weight handling of the quantized modules.
+
+    Attributes:
+        weight_qtype: the weight format, or ``None`` to keep float weights.
+        group_size: weights per scale along the flattened input (``None`` = one per output channel).
+        input_quantizer: :class:`ActQuantizer` or ``None`` (weight-only quantization).
+        input_split: channels of the first part when the input is a concatenation whose two parts
+            get separate scales (Q-Diffusion's shortcut split); ``input_quantizer_2`` takes the rest.
+    """
+
+    def _init_quant(self, weight_qtype, group_size, input_quantizer, input_split=0, input_quantizer_2=None):
+        self.weight_qtype = get_qtype(weight_qtype) if weight_qtype is not None else None
+        self.group_size = group_size
+        self.input_quantizer = input_quantizer
+        self.input_split = input_split
+        self.input_quantizer_2 = input_quantizer_2
+        self.weight_quant_enabled = True
+        self._w_cache: torch.Tensor | None = None
+        self.frozen = False
+
+    def quantize_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        if self.input_quantizer is None:
+            return x
+        if self.input_split:
+            a, b = x.split([self.input_split, x.shape[channel_dim] - self.input_split], dim=channel_dim)
+            return torch.cat([self.input_quantizer(a), self.input_quantizer_2(b)], dim=channel_dim)
+        return self.input_quantizer(x)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward uses: dequantized integers (frozen) or fake-quantized float."""
+        if self.frozen:
+            if self._w_cache is None:
+                self._w_cache = self._stored().dequantize()
+            return self._w_cache
+        if self.weight_qtype is None or not self.weight_quant_enabled:
+            return self.weight
+        return P.fake_quant_weight(self.weight, self.weight_qtype, self.group_size)
+
+    def _stored(self) -> P.QuantizedWeight:
+        packed = self.qweight.dtype == torch.uint8
+        return P.QuantizedWeight(
+            self.qweight, self.weight_scale, torch.Size(self.weight_shape.tolist()), self.weight_qtype,
+            int(self.weight_group.item()), packed,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the float weight by its integer storage (``qweight``, ``weight_scale``)."""
+        if self.frozen or self.weight_qtype is None:
+            return
+        qw = P.quantize_weight(self.weight, self.weight_qtype, self.group_size)
+        del self.weight
+        self.register_buffer("qweight", qw.qdata)
+        self.register_buffer("weight_scale", qw.scale)
+        self.register_buffer("weight_shape", torch.tensor(list(qw.shape)))
+        self.register_buffer("weight_group", torch.tensor(qw.group_size))
+        self.frozen = True
+        self._w_cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "qweight" in state_dict and not self.frozen:
+            self.freeze()  # make the integer buffers exist with the right dtypes before loading
+        self._w_cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight storage (integers + scales when frozen, float otherwise)."""
+        if self.frozen:
+            return self.qweight.numel() * self.qweight.element_size() + self.weight_scale.numel() * 4
+        return self.weight.numel() * self.weight.element_size()
+
+
+@register_qmodule(nn.Linear)
+class QuantLinear(QuantModule):
+    """Quantized ``nn.Linear`` (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._init_quant(None, None, None)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, weight_qtype: QType | str | None, group_size=None, input_quantizer=None, **kw
+    ) -> QuantLinear:
+        q = cls(module.in_features, module.out_features, module.bias is not None)
+        q.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        q._init_quant(weight_qtype, group_size, input_quantizer, **kw)
+        return q.to(module.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x, -1), self.quantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        g = f", group={self.group_size}" if self.group_size else ""
+        return f"{self.in_features}, {self.out_features}, weight={self.weight_qtype}{g}"
+
+
+@register_qmodule(nn.Conv2d)
+class QuantConv2d(QuantModule):
+    """Quantized ``nn.Conv2d`` (see the module docstring); input per-token scales are per pixel."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported; only 'zeros'")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        self.bias = (
+            nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+            if conv.bias is not None
+            else None
+        )
+        self._init_quant(None, None, None)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, weight_qtype: QType | str | None, group_size=None, input_quantizer=None, **kw
+    ) -> QuantConv2d:
+        q = cls(module)
+        q._init_quant(weight_qtype, group_size, input_quantizer, **kw)
+        return q.to(module.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().to(x.dtype)
+        return F.conv2d(self.quantize_input(x, 1), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        g = f", group={self.group_size}" if self.group_size else ""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"weight={self.weight_qtype}{g}"
+        )
+
+
+def make_input_quantizer(module: nn.Module, name: str, **kwargs) -> ActQuantizer:
+    """An :class:`ActQuantizer` with the channel dim that fits ``module`` (1 for Conv2d, -1 for Linear)."""
+    channel_dim = 1 if isinstance(module, nn.Conv2d) else -1
+    return ActQuantizer(channel_dim=channel_dim, name=name, **kwargs)

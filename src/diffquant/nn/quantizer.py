@@ -1,0 +1,148 @@
+"""Activation quantizers: one scale for all steps, one per group of steps, or computed on the fly.
+
+Scales are registered buffers (saved by ``state_dict``): ``scale[b]`` and ``zero_point[b]`` for
+bucket ``b``, and ``bucket_of_t[t]`` maps every training time step ``t`` in ``[0, T)`` to its
+bucket, so any sampler and step count finds its scale with one lookup. The time step comes from
+:func:`diffquant.timestep.current_step`, set by the sampler (or by the hook :func:`quantize`
+installs on the model, from the model's own ``t`` argument).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffquant import primitives as P
+from diffquant.observers import Observer
+from diffquant.qtypes import QType, get_qtype
+from diffquant.timestep import current_step
+
+MODES = ("static", "bucketed", "dynamic")
+GRANULARITIES = ("tensor", "token")
+
+
+class CalibrationError(RuntimeError):
+    """Calibration met data it cannot use (non-finite values, no data for a quantizer)."""
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes an activation tensor (the float reference path of every backend).
+
+    Args:
+        qtype: activation format (``int8``, ``int6``, ``int4``, ``fp8_e4m3``...).
+        mode: ``static`` (one scale), ``bucketed`` (one per group of steps) or ``dynamic``.
+        granularity: ``tensor`` or ``token`` (dynamic mode only: one scale per row/pixel).
+        symmetric: symmetric grid (zero point 0) or asymmetric (unsigned grid + zero point).
+        channel_dim: the dim reduced for per-token scales (-1 for Linear inputs, 1 for Conv2d).
+        buckets: number of scale buckets (1 for static).
+        num_timesteps: the model's training time steps ``T``.
+        name: the layer this quantizer belongs to, for error messages.
+    """
+
+    def __init__(
+        self,
+        qtype: QType | str,
+        mode: str = "static",
+        granularity: str = "tensor",
+        symmetric: bool = False,
+        channel_dim: int = -1,
+        buckets: int = 1,
+        num_timesteps: int = 1000,
+        name: str = "",
+    ):
+        super().__init__()
+        self.qtype = get_qtype(qtype)
+        if self.qtype.kind not in ("int", "float"):
+            raise ValueError(f"{self.qtype} is a weight-only format; activations take int2..int8 or fp8_e4m3")
+        if mode not in MODES:
+            raise ValueError(f"activation mode must be one of {MODES}, got {mode!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "token" and mode != "dynamic":
+            raise ValueError("per-token activation scales are computed on the fly: use mode='dynamic'")
+        self.mode = mode
+        self.granularity = granularity
+        self.symmetric = symmetric or self.qtype.kind == "float"
+        self.channel_dim = channel_dim
+        self.name = name
+        n = 1 if mode != "bucketed" else buckets
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long))
+        self.register_buffer("calibrated", torch.tensor(mode == "dynamic"))
+        self.observer: Observer | None = None
+        self.observing = False
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.qtype}, {self.mode}, {self.granularity}, {sym}, buckets={self.scale.numel()}"
+
+    def _timestep(self) -> int:
+        step = current_step()
+        if step is None:
+            raise RuntimeError(
+                f"{self.name}: no current time step. Call the quantized model as model(x, t, ...) "
+                "or inside diffquant.timestep.denoising_step(...)."
+            )
+        return step.timestep
+
+    def scale_for(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` used at ``timestep`` (static and bucketed modes)."""
+        b = self.bucket_of_t[timestep] if self.scale.numel() > 1 else 0
+        return self.scale[b], self.zero_point[b]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing and self.observer is not None:
+            t = self._timestep()
+            try:
+                self.observer.update(x, t)
+            except FloatingPointError as e:
+                raise CalibrationError(f"{self.name}: {e} during calibration") from None
+            return x
+        if not self.enabled:
+            return x
+        if self.mode == "dynamic":
+            return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim)
+        if not bool(self.calibrated):
+            raise RuntimeError(f"{self.name}: activation scales are not calibrated; pass calibration to quantize().")
+        scale, zp = self.scale_for(self._timestep() if self.scale.numel() > 1 else 0)
+        return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
+
+    @torch.no_grad()
+    def finalize(self, buckets: list[list[int]] | None = None) -> None:
+        """Turn the observer's statistics into scales, then drop the observer.
+
+        Args:
+            buckets: for bucketed mode, the time steps of each bucket (as calibrated, in order);
+                every ``t`` in ``[0, T)`` is then mapped to the bucket whose steps are nearest.
+        """
+        if self.mode == "dynamic":
+            self.observer = None
+            return
+        obs = self.observer
+        if obs is None or not obs.per_step:
+            raise CalibrationError(f"{self.name}: no calibration data reached this layer")
+        groups = buckets if self.mode == "bucketed" else [obs.timesteps]
+        if len(groups) != self.scale.numel():
+            raise ValueError(f"{self.name}: {len(groups)} step groups for {self.scale.numel()} buckets")
+        fallback = obs.range(self.qtype, self.symmetric)
+        for b, group in enumerate(groups):
+            seen = [t for t in group if t in obs.per_step]
+            lo, hi = obs.range(self.qtype, self.symmetric, seen) if seen else fallback
+            scale, zp = P.scale_from_range(torch.tensor(lo), torch.tensor(hi), self.qtype, self.symmetric)
+            self.scale[b], self.zero_point[b] = scale, zp
+        if self.mode == "bucketed":
+            self.bucket_of_t.copy_(nearest_bucket_table(groups, self.bucket_of_t.numel()))
+        self.calibrated.fill_(True)
+        self.observer = None
+
+
+def nearest_bucket_table(groups: list[list[int]], num_timesteps: int) -> torch.Tensor:
+    """For every ``t`` in ``[0, T)``, the index of the group holding the time step nearest to ``t``."""
+    ts = torch.tensor([t for g in groups for t in g], dtype=torch.float64)
+    owner = torch.tensor([b for b, g in enumerate(groups) for _ in g])
+    if ts.numel() == 0:
+        return torch.zeros(num_timesteps, dtype=torch.long)
+    dist = (torch.arange(num_timesteps, dtype=torch.float64)[:, None] - ts[None, :]).abs()
+    return owner[dist.argmin(1)]

@@ -1,0 +1,257 @@
+"""Recipes: what to quantize and how, as validated, JSON-serialisable data.
+
+A :class:`Recipe` names the weight and activation formats, the activation-scale mode, the observer,
+the calibration (how the trajectory is sampled and which steps are observed), attention
+quantization, Q-Diffusion's shortcut split, exclusions and per-module overrides. Named recipes
+(:data:`RECIPES`) are plain instances; ``get_recipe("w8a8")`` returns one, ``recipe.replace(...)``
+derives another.
+
+Example:
+    >>> r = get_recipe("w4a8").replace(observer="percentile")
+    >>> Recipe.from_json(r.to_json()) == r
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from diffquant.observers import OBSERVERS
+from diffquant.qtypes import get_qtype
+from diffquant.sampling import SAMPLERS
+
+RECIPE_VERSION = 1
+SELECTIONS = ("single", "uniform", "ndtc", "all")
+
+# Layers kept in float by default, as TensorRT's diffusion recipe does: time and class embeddings,
+# the first and last layers (UNet conv_in / conv_out, DiT patch embedding / final projections).
+DEFAULT_EXCLUDE = (
+    "*time_embedding*",
+    "*time_emb_proj*",
+    "*timestep_embedder*",
+    "*class_embedder*",
+    "*class_embedding*",
+    "*conv_in",
+    "*conv_out",
+    "*pos_embed*",
+    "*proj_out_1",
+    "*proj_out_2",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data are drawn from the full-precision model's own sampling trajectory.
+
+    Args:
+        selection: which steps are observed: ``single`` (one step, the naive baseline),
+            ``uniform`` (every ``every``-th step, Q-Diffusion), ``ndtc`` (per sample, the step
+            nearest ``t = int(N(ndtc_mean, ndtc_std) * T)``, PTQ4DM), or ``all``.
+        n_samples: trajectories sampled (classes balanced).
+        sampler, steps: the sampler that generates the trajectory.
+        every: step stride for ``uniform``.
+        single_index: sampler step index for ``single`` (-1: the last step, closest to data).
+        ndtc_mean, ndtc_std: PTQ4DM's normal distribution, as fractions of ``T``.
+        seed: seed of the calibration trajectories (not the evaluation seed).
+        batch_size: trajectories per batch (bounds memory).
+    """
+
+    selection: str = "uniform"
+    n_samples: int = 128
+    sampler: str = "ddim"
+    steps: int = 50
+    every: int = 5
+    single_index: int = -1
+    ndtc_mean: float = 0.4
+    ndtc_std: float = 0.4
+    seed: int = 1234
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"calibration selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"calibration sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.n_samples < 1 or self.steps < 1 or self.every < 1 or self.batch_size < 1:
+            raise ValueError("calibration n_samples, steps, every and batch_size must be >= 1")
+        if not -self.steps <= self.single_index < self.steps:
+            raise ValueError(f"single_index {self.single_index} is outside a {self.steps}-step schedule")
+        if self.ndtc_std <= 0:
+            raise ValueError("ndtc_std must be > 0")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-module settings for modules whose qualified name matches ``pattern`` (fnmatch).
+
+    Fields left ``None`` keep the recipe's value; ``skip=True`` keeps the module in float.
+    """
+
+    pattern: str
+    weights: str | None = None
+    weight_group_size: int | None = None
+    activations: str | None = None
+    skip: bool = False
+
+    def __post_init__(self):
+        for fmt in (self.weights, self.activations):
+            if fmt is not None and fmt != "none":
+                get_qtype(fmt)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A quantization recipe.
+
+    Args:
+        name: label (named recipes keep their name; derived ones should rename).
+        weights: weight format (``int8``, ``int4``, ``fp8_e4m3``, ``ternary``, ``binary``), or ``none``.
+        weight_group_size: weights per scale (32-128), or ``None`` for one scale per output channel.
+        activations: activation format (``int8``, ``int6``, ``int4``, ``fp8_e4m3``), or ``none``
+            for weight-only quantization.
+        act_mode: ``static`` (one scale for all steps), ``bucketed`` (``buckets`` groups of
+            steps), ``dynamic`` (computed on the fly).
+        act_granularity: ``tensor`` or ``token`` (``token`` needs ``dynamic``).
+        act_symmetric: symmetric activation grid (default asymmetric, with a zero point).
+        buckets: number of step groups for ``bucketed``.
+        observer: ``minmax``, ``percentile`` or ``mse``.
+        percentile: for the percentile observer.
+        lp_norm: the ``p`` of the mse observer's L_p error (PTQ4DM: 2.4).
+        attention: quantize the attention matmuls (Q·Kᵀ and P·V).
+        softmax: format of the softmax output ``P`` (``none`` keeps it float).
+        split_shortcut: separate scales for the two halves of UNet skip concatenations.
+        exclude: fnmatch patterns of modules kept in float.
+        overrides: per-module :class:`Override` entries, the last match wins.
+        calibration: :class:`CalibrationConfig`.
+    """
+
+    name: str = "custom"
+    weights: str = "int8"
+    weight_group_size: int | None = None
+    activations: str = "int8"
+    act_mode: str = "static"
+    act_granularity: str = "tensor"
+    act_symmetric: bool = False
+    buckets: int = 1
+    observer: str = "mse"
+    percentile: float = 99.99
+    lp_norm: float = 2.4
+    attention: bool = True
+    softmax: str = "int8"
+    split_shortcut: bool = True
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    overrides: tuple[Override, ...] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is not supported (this diffquant reads {RECIPE_VERSION})")
+        if self.weights != "none":
+            get_qtype(self.weights)
+        for fmt in (self.activations, self.softmax):
+            if fmt != "none" and get_qtype(fmt).kind not in ("int", "float"):
+                raise ValueError(f"activations take int2..int8 or fp8_e4m3, not {fmt}")
+        if self.weight_group_size is not None and not 1 <= self.weight_group_size <= 4096:
+            raise ValueError(f"weight_group_size must be in 1..4096 or None, got {self.weight_group_size}")
+        if self.act_mode not in ("static", "bucketed", "dynamic"):
+            raise ValueError(f"act_mode must be static, bucketed or dynamic, got {self.act_mode!r}")
+        if self.act_granularity not in ("tensor", "token"):
+            raise ValueError(f"act_granularity must be tensor or token, got {self.act_granularity!r}")
+        if self.act_granularity == "token" and self.act_mode != "dynamic":
+            raise ValueError("per-token activation scales need act_mode='dynamic'")
+        if self.act_mode == "bucketed" and self.buckets < 2:
+            raise ValueError("bucketed mode needs buckets >= 2")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.lp_norm <= 0:
+            raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activations != "none"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizes_activations and self.act_mode != "dynamic"
+
+    def settings_for(self, module_name: str) -> dict | None:
+        """Weight/activation settings for a module, or ``None`` if it stays in float."""
+        if any(fnmatchcase(module_name, p) for p in self.exclude):
+            return None
+        s = {"weights": self.weights, "weight_group_size": self.weight_group_size, "activations": self.activations}
+        for o in self.overrides:
+            if fnmatchcase(module_name, o.pattern):
+                if o.skip:
+                    return None
+                s.update({k: v for k, v in dataclasses.asdict(o).items() if k in s and v is not None})
+        if s["weights"] == "none" and s["activations"] == "none":
+            return None
+        return s
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with some fields changed (``calibration`` may be a dict of its fields)."""
+        if isinstance(changes.get("calibration"), dict):
+            changes["calibration"] = dataclasses.replace(self.calibration, **changes["calibration"])
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}")
+        if "calibration" in d:
+            d["calibration"] = CalibrationConfig(**d["calibration"])
+        if "overrides" in d:
+            d["overrides"] = tuple(Override(**o) for o in d["overrides"])
+        if "exclude" in d:
+            d["exclude"] = tuple(d["exclude"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))
+
+
+def _named(name: str, **kw) -> Recipe:
+    return Recipe(name=name, **kw)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _named("w8a8"),
+        _named("w8a8-dynamic", act_mode="dynamic", act_granularity="token"),
+        _named("w8a6", activations="int6"),
+        _named("w8a4", activations="int4"),
+        _named("w4a8", weights="int4", weight_group_size=64),
+        _named("w4a4", weights="int4", weight_group_size=64, activations="int4"),
+        _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
+        _named("w8a16", activations="none", attention=False),
+        _named("w4a16", weights="int4", weight_group_size=64, activations="none", attention=False),
+    )
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A named recipe (or the recipe itself). Unknown names raise a ``ValueError`` listing the valid ones."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown recipe {recipe!r}. Named recipes: {', '.join(RECIPES)}.")
+    return RECIPES[recipe]

@@ -1,0 +1,143 @@
+"""Save and load quantized models: a directory with ``model.safetensors``, ``recipe.json``, ``meta.json``.
+
+Writing goes to a temporary sibling directory that is renamed into place at the end, so an
+interrupted save never leaves a partial directory under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from diffquant.recipe import Recipe
+
+FORMAT_VERSION = 1
+
+
+class QuantizedDirError(ValueError):
+    """A quantized-model directory that is missing, incomplete, corrupt or for another model."""
+
+
+def save_quantized(
+    model: nn.Module, out_dir: str | os.PathLike, model_name: str | None = None, extra: dict | None = None
+) -> Path:
+    """Write a quantized model (from :func:`diffquant.quantize`) to ``out_dir`` atomically.
+
+    Args:
+        model: the quantized model (it carries ``diffquant_recipe``).
+        out_dir: target directory; replaced if it exists.
+        model_name: built-in model name, so :func:`load_quantized` can rebuild it alone.
+        extra: more metadata for ``meta.json`` (e.g. calibration time).
+    """
+    from safetensors.torch import save_file
+
+    recipe: Recipe | None = getattr(model, "diffquant_recipe", None)
+    if recipe is None:
+        raise ValueError("this model is not quantized (no diffquant_recipe); call diffquant.quantize first")
+    out_dir = Path(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent}: the directory is read-only; choose another --out")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    try:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(
+            state, str(tmp / "model.safetensors"), metadata={"format": "diffquant", "version": str(FORMAT_VERSION)}
+        )
+        (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
+        meta = {"format_version": FORMAT_VERSION, "model": model_name, "model_class": type(model).__name__}
+        meta["weight_bytes"] = weight_bytes(model)
+        meta.update(extra or {})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
+            os.replace(out_dir, old / "d")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_meta(path: str | os.PathLike) -> tuple[dict, Recipe]:
+    """``(meta, recipe)`` of a quantized directory, with clear errors when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QuantizedDirError(f"{path} is not a directory; pass the --out directory of `diffquant quantize`.")
+    for name in ("meta.json", "recipe.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise QuantizedDirError(f"{path} is not a complete quantized model: {name} is missing.")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        recipe = Recipe.from_json((path / "recipe.json").read_text())
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise QuantizedDirError(f"{path}: unreadable meta.json or recipe.json ({e}).") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise QuantizedDirError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}.")
+    return meta, recipe
+
+
+def load_quantized(
+    path: str | os.PathLike, model: nn.Module | None = None, num_timesteps: int | None = None
+) -> nn.Module:
+    """Rebuild a quantized model from a directory written by :func:`save_quantized`.
+
+    Args:
+        path: the directory.
+        model: the float model to quantize into (default: the built-in model named in ``meta.json``).
+        num_timesteps: the model's ``T`` if not derivable from the model.
+
+    Raises:
+        QuantizedDirError: missing or corrupt files, or a directory made for another model.
+    """
+    from diffquant.models.builtin import WeightsError, load_builtin, load_state_file
+    from diffquant.quantize import freeze, prepare
+
+    path = Path(path)
+    meta, recipe = read_meta(path)
+    if model is None:
+        if not meta.get("model"):
+            raise QuantizedDirError(
+                f"{path} was saved from a custom model; pass that model to load_quantized(model=...)."
+            )
+        model = load_builtin(meta["model"])
+    elif meta.get("model_class") and meta["model_class"] != type(model).__name__:
+        raise QuantizedDirError(
+            f"{path} holds a quantized {meta['model_class']} ({meta.get('model') or 'custom'}), "
+            f"not a {type(model).__name__}."
+        )
+    try:
+        state = load_state_file(path / "model.safetensors")
+    except WeightsError as e:
+        raise QuantizedDirError(str(e)) from e
+    prepare(model, recipe, num_timesteps)
+    freeze(model)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        raise QuantizedDirError(
+            f"{path} does not match this model: {len(missing)} missing tensors {missing[:3]}, {len(unexpected)} "
+            f"unexpected {unexpected[:3]}, {len(bad)} of another shape {bad[:3]}. Was it quantized from another model?"
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and weight storage (integer weights count at their packed size)."""
+    total = 0
+    for name, t in model.state_dict().items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("weight", "bias", "qweight", "weight_scale"):
+            total += t.numel() * t.element_size()
+    return total
