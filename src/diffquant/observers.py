@@ -234,25 +234,29 @@ class MseObserver(Observer):
         return (counts * err).sum(-1)
 
     def _range(self, hist, qtype, symmetric):
-        c, counts = hist.centers(), hist.counts
-        width = 2 * hist.radius / hist.bins
+        # search on at most 512 bins (merging neighbours exactly); finer bins change little
+        factor = max(1, hist.bins // 512)
+        counts = hist.counts.view(-1, factor).sum(1)
+        width = 2 * hist.radius / counts.numel()
+        c = -hist.radius + width * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
         keep = counts > 0
         c, counts = c[keep], counts[keep]
-        fracs = torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64)
         if symmetric or qtype.kind == "float":
             amax = max(abs(hist.min), abs(hist.max))
-            hi = (fracs * amax)[:, None]
+            hi = (torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64) * amax)[:, None]
             best = int(torch.argmin(self._error(c, counts, -hi, hi, qtype, True, width)))
             return -float(hi[best]), float(hi[best])
-        # asymmetric: a 2-D search over both ends, on a coarser grid to bound memory
-        g = min(self.grid, 40)
-        fracs = torch.linspace(1.0 / g, 1.0, g, dtype=torch.float64)
+        # asymmetric: a 2-D search over both ends, coarse (20 x 20) then refined around the best
         lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
-        lo = (fracs * lo0)[:, None, None].expand(-1, g, 1)
-        hi = (fracs * hi0)[None, :, None].expand(g, -1, 1)
-        err = self._error(c, counts, lo, hi, qtype, False, width)
-        i, j = divmod(int(torch.argmin(err)), g)
-        return float(lo[i, j, 0]), float(hi[i, j, 0])
+        f_lo = f_hi = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
+        for _ in range(2):
+            lo = (f_lo * lo0)[:, None, None].expand(-1, f_hi.numel(), 1)
+            hi = (f_hi * hi0)[None, :, None].expand(f_lo.numel(), -1, 1)
+            i, j = divmod(int(torch.argmin(self._error(c, counts, lo, hi, qtype, False, width))), f_hi.numel())
+            best_lo, best_hi = float(f_lo[i]), float(f_hi[j])
+            f_lo = torch.linspace(max(best_lo - 0.05, 0.01), min(best_lo + 0.05, 1.0), 11, dtype=torch.float64)
+            f_hi = torch.linspace(max(best_hi - 0.05, 0.01), min(best_hi + 0.05, 1.0), 11, dtype=torch.float64)
+        return best_lo * lo0, best_hi * hi0
 
 
 OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MseObserver)}

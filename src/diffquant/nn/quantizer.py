@@ -126,10 +126,14 @@ class ActQuantizer(nn.Module):
         groups = buckets if self.mode == "bucketed" else [obs.timesteps]
         if len(groups) != self.scale.numel():
             raise ValueError(f"{self.name}: {len(groups)} step groups for {self.scale.numel()} buckets")
-        fallback = obs.range(self.qtype, self.symmetric)
+        fallback = None
         for b, group in enumerate(groups):
             seen = [t for t in group if t in obs.per_step]
-            lo, hi = obs.range(self.qtype, self.symmetric, seen) if seen else fallback
+            if seen:
+                lo, hi = obs.range(self.qtype, self.symmetric, seen)
+            else:  # a bucket without calibration data takes the all-steps range
+                fallback = fallback or obs.range(self.qtype, self.symmetric)
+                lo, hi = fallback
             scale, zp = P.scale_from_range(torch.tensor(lo), torch.tensor(hi), self.qtype, self.symmetric)
             self.scale[b], self.zero_point[b] = scale, zp
         if self.mode == "bucketed":

@@ -1,0 +1,199 @@
+"""End to end on tiny models: prepare, calibrate on the trajectory, freeze, save, load."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import diffquant
+from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
+from diffquant.calibrate import full_precision, selected_rows, step_buckets
+from diffquant.eval.metrics import sqnr
+from diffquant.nn import ActQuantizer, CalibrationError, QuantConv2d
+from diffquant.quantize import UnsupportedModelError, prepare
+from diffquant.serialization import QuantizedDirError
+from tests.conftest import tiny_model
+
+CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
+RECIPES = {
+    "w8a8": get_recipe("w8a8"),
+    "w4a8": get_recipe("w4a8"),
+    "fp8": get_recipe("fp8"),
+    "w8a8-dynamic": get_recipe("w8a8-dynamic"),
+    "bucketed": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
+    "minmax-single": get_recipe("w8a8").replace(observer="minmax", calibration={"selection": "single"}),
+    "percentile-ndtc": get_recipe("w8a8").replace(observer="percentile", calibration={"selection": "ndtc"}),
+}
+
+
+def _inputs(model, t=500):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *model.sample_shape, generator=g)
+    return x, torch.full((2,), t), torch.tensor([3, 10])
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_prepared_model_in_float_mode_matches_the_original(kind):
+    model = tiny_model(kind)
+    x, t, y = _inputs(model)
+    ref = model(x, t, y)
+    prepare(model, "w8a8")
+    with full_precision(model):
+        assert torch.allclose(model(x, t, y), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_quantize_save_load_bit_identical(kind, name, tmp_path):
+    model = tiny_model(kind)
+    x, t, y = _inputs(model)
+    ref = model(x, t, y)
+    q = quantize(model, RECIPES[name], CAL, progress=False)
+    out = q(x, t, y)
+    floor = {"w4a8": 15, "w8a8-dynamic": 25, "bucketed": 15}.get(name, 20)
+    assert sqnr(ref, out) > floor
+    save_quantized(q, tmp_path / "q", extra={"note": "test"})
+    fresh = tiny_model(kind)
+    loaded = load_quantized(tmp_path / "q", model=fresh)
+    assert torch.equal(loaded(x, t, y), out)
+
+
+def test_shortcut_split_gets_two_scales():
+    model = quantize(tiny_model("unet"), "w8a8", CAL, progress=False)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d) and m.input_split}
+    assert any(n.endswith("up_blocks.0.resnets.0.conv1") for n in convs)
+    for m in convs.values():
+        assert m.input_quantizer.scale.item() != m.input_quantizer_2.scale.item()
+    assert not any(".down_blocks." in n for n in convs)
+
+
+def test_default_exclusions_stay_float():
+    model = quantize(tiny_model("dit"), "w8a8", CAL, progress=False)
+    types = {n: type(m) for n, m in model.named_modules()}
+    assert types["dit.pos_embed.proj"] is nn.Conv2d and types["dit.proj_out_2"] is nn.Linear
+    assert types["dit.transformer_blocks.0.ff.net.2"] is not nn.Linear
+
+
+def test_override_by_pattern():
+    recipe = get_recipe("w8a8").replace(
+        overrides=(
+            diffquant.Override("*ff.net.2", weights="int4", weight_group_size=32),
+            diffquant.Override("*to_out.0", skip=True),
+        )
+    )
+    model = quantize(tiny_model("dit"), recipe, CAL, progress=False)
+    mods = dict(model.named_modules())
+    assert str(mods["dit.transformer_blocks.0.ff.net.2"].weight_qtype) == "int4"
+    assert type(mods["dit.transformer_blocks.0.attn1.to_out.0"]) is nn.Linear
+
+
+def test_bucketed_scales_follow_the_step():
+    model = quantize(tiny_model("unet"), RECIPES["bucketed"], CAL, progress=False)
+    q = next(m for m in model.modules() if isinstance(m, ActQuantizer))
+    assert q.scale.numel() == 3 and len(set(q.scale.tolist())) > 1
+    x, _, y = _inputs(model)
+    a = model(x, torch.full((2,), 999), y)
+    b = model(x, torch.full((2,), 999), y)
+    assert torch.equal(a, b)
+
+
+def test_selection_rules():
+    ts = list(range(999, -1, -100))  # 10 steps
+    assert [len(r) for r in selected_rows(CalibrationConfig(selection="single", steps=10), ts, 4, 1000)] == [0] * 9 + [
+        4
+    ]
+    uni = selected_rows(CalibrationConfig(selection="uniform", every=3, steps=10), ts, 4, 1000)
+    assert [len(r) for r in uni] == [4, 0, 0, 4, 0, 0, 4, 0, 0, 4]
+    nd = selected_rows(CalibrationConfig(selection="ndtc", steps=10), ts, 1000, 1000)
+    counts = [len(r) for r in nd]
+    assert sum(counts) == 1000 and counts[6] > counts[0]  # N(0.4 T, 0.4 T): mass near t = 400
+    assert step_buckets(ts, 3) == [[999, 899, 799, 699], [599, 499, 399], [299, 199, 99]]
+
+
+def test_unknown_recipe_lists_names():
+    with pytest.raises(ValueError, match="w8a8, w8a8-dynamic"):
+        get_recipe("w3a3")
+
+
+def test_model_without_timestep_argument():
+    class NoT(nn.Module):
+        def forward(self, x, cond):
+            return x
+
+    with pytest.raises(UnsupportedModelError, match=r"forward\(x, cond\).*timestep"):
+        quantize(NoT(), "w8a8")
+
+
+def test_non_finite_activation_names_layer_and_step():
+    model = tiny_model("dit")
+    blocks = model.dit.transformer_blocks[0]
+    blocks.ff.net[2].weight.data[0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match=r"dit\.transformer_blocks\.0\..*time step \d+"):
+        quantize(model, "w8a8", CAL, progress=False)
+
+
+def test_load_rejects_another_model(tmp_path):
+    save_quantized(quantize(tiny_model("dit"), "w8a8-dynamic", progress=False), tmp_path / "d")
+    with pytest.raises(QuantizedDirError, match="FashionDiT"):
+        load_quantized(tmp_path / "d", model=tiny_model("unet"))
+    (tmp_path / "d" / "recipe.json").unlink()
+    with pytest.raises(QuantizedDirError, match=r"recipe\.json is missing"):
+        load_quantized(tmp_path / "d", model=tiny_model("dit"))
+
+
+def test_truncated_quantized_weights(tmp_path):
+    save_quantized(quantize(tiny_model("dit"), "w8a8-dynamic", progress=False), tmp_path / "d")
+    f = tmp_path / "d" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(QuantizedDirError, match="corrupt"):
+        load_quantized(tmp_path / "d", model=tiny_model("dit"))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model = quantize(tiny_model("dit"), "w8a8-dynamic", progress=False)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_storage_is_smaller():
+    w8 = quantize(tiny_model("dit"), "w8a8-dynamic", progress=False)
+    w4 = quantize(
+        tiny_model("dit"), get_recipe("w8a8-dynamic").replace(weights="int4", weight_group_size=32), progress=False
+    )
+    from diffquant.serialization import weight_bytes
+
+    assert weight_bytes(w4) < weight_bytes(w8)
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_model
+from diffquant import CalibrationConfig, quantize
+torch.set_num_threads(1)
+n = int(sys.argv[1])
+quantize(tiny_model("unet"), "w8a8", CalibrationConfig(n_samples=n, steps=4, every=1, batch_size=32), progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_calibration_peak_memory_does_not_grow_with_samples(tmp_path):
+    import pathlib
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT.format(root=root))
+    peaks = {}
+    for n in (64, 512):
+        out = subprocess.run([sys.executable, str(script), str(n)], capture_output=True, text=True, check=True)
+        peaks[n] = int(out.stdout.strip().splitlines()[-1])  # KiB
+    assert peaks[512] < peaks[64] * 1.1 + 10_000, peaks
