@@ -106,3 +106,49 @@ def test_python_dash_m_entry_point():
     )
     assert proc.returncode == EXIT_USER_ERROR
     assert "Unknown model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recipes_lists_named_recipes():
+    result = run("recipes")
+    assert result.exit_code == 0
+    for name in ("w8a8", "w8a8-dynamic", "w4a8", "w8a6", "w8a4", "w4a4", "fp8"):
+        assert name in result.output
+
+
+def test_quantize_then_eval_and_sample_quantized(tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", "--model", "fashion-dit", "--recipe", "w8a8", "--n-calib", "4", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "recipe.json", "meta.json"}
+    result = run("eval", "--quantized", str(out), "--n", "10", "--steps", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("fd", "class_consistency", "n", "steps", "seconds", "psnr_vs_fp"):
+        assert key in data
+    assert data["model"] == "fashion-dit" and data["psnr_vs_fp"] > 10
+    grid = tmp_path / "g.png"
+    assert run("sample", "--quantized", str(out), "--n", "2", "--steps", "2", "--out", str(grid)).exit_code == 0
+    assert grid.is_file()
+
+
+def test_unknown_recipe_lists_valid_names(tmp_path):
+    result = run("quantize", "--model", "fashion-dit", "--recipe", "w3a3", "--out", str(tmp_path / "q"))
+    assert_user_error(result, "Unknown recipe", "w8a8", "w4a4")
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_quantized_missing_directory(tmp_path):
+    assert_user_error(run("eval", "--quantized", str(tmp_path / "none")), "not a directory")
+
+
+def test_quantize_into_read_only_directory(tmp_path, monkeypatch):
+    # root ignores permission bits, so the check that guards the write is what is exercised
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = __import__("os").access
+    monkeypatch.setattr(
+        "diffquant.serialization.os.access", lambda p, m: False if str(p) == str(ro) else real_access(p, m)
+    )
+    result = run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(ro / "q"))
+    assert_user_error(result, "read-only")
+    assert list(ro.iterdir()) == []

@@ -11,6 +11,8 @@ import typer
 
 from diffquant.data.fashion_mnist import DataNotFoundError
 from diffquant.models.builtin import BUILTIN_MODELS, DENOISERS, UnknownModelError, WeightsError
+from diffquant.nn.quantizer import CalibrationError
+from diffquant.quantize import UnsupportedModelError
 
 app = typer.Typer(
     help="diffquant: quantize diffusion models, measured.\n\nRun `diffquant COMMAND --help` for examples.",
@@ -21,7 +23,16 @@ app = typer.Typer(
 )
 
 # Errors a user can fix: printed as one line, exit code 2. Anything else is a bug and shows a traceback.
-USER_ERRORS = (DataNotFoundError, UnknownModelError, WeightsError, ValueError, FileNotFoundError, PermissionError)
+USER_ERRORS = (
+    DataNotFoundError,
+    UnknownModelError,
+    WeightsError,
+    CalibrationError,
+    UnsupportedModelError,
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+)
 EXIT_USER_ERROR = 2
 
 
@@ -46,6 +57,18 @@ def _denoiser(name: str, weights: Path | None = None):
     return _run(load_builtin, name, weights)
 
 
+def _model_or_quantized(name: str, weights: Path | None, quantized: Path | None):
+    """The denoiser to run and its full-precision counterpart (None unless quantized)."""
+    if quantized is None:
+        return _denoiser(name, weights), None, name
+    from diffquant.serialization import load_quantized, read_meta
+
+    meta, _ = _run(read_meta, quantized)
+    fp = _denoiser(meta.get("model") or name, weights)
+    q = _run(load_quantized, quantized, _denoiser(meta.get("model") or name, weights))
+    return q, fp, meta.get("model") or name
+
+
 def _threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -64,6 +87,9 @@ WeightsOpt = Annotated[
     typer.Option(help="A safetensors file to use instead of the shipped weights (e.g. a checkpoint export)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")]
+QuantizedOpt = Annotated[
+    Path | None, typer.Option(help="A quantized model directory (from `diffquant quantize`) to run instead.")
+]
 
 
 @app.command()
@@ -92,6 +118,7 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("grid.png"),
     ncol: Annotated[int, typer.Option(help="Images per grid row.")] = 10,
     batch_size: BatchOpt = 250,
+    quantized: QuantizedOpt = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -103,7 +130,7 @@ def sample(
     from diffquant.sampling import sample as sample_images
 
     _threads(threads)
-    m = _denoiser(model, weights)
+    m, _, _ = _model_or_quantized(model, weights, quantized)
     images, _ = _run(sample_images, m, n, steps, sampler, seed, guidance_scale=guidance, batch_size=batch_size)
     _run(save_grid, images, out, ncol=ncol)
     typer.echo(f"wrote {out} ({n} images, {sampler}-{steps}, seed {seed})")
@@ -119,10 +146,14 @@ def eval_(
     guidance: GuidanceOpt = 1.0,
     batch_size: BatchOpt = 250,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quantized: QuantizedOpt = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
 ):
-    """Evaluate a built-in model: FD against the shipped training-set statistics and class consistency.
+    """Evaluate a model: FD against the shipped training-set statistics and class consistency.
+
+    With --quantized DIR, the quantized model is evaluated and `psnr_vs_fp` compares its images
+    with the full-precision model's from identical noise.
 
     Example: diffquant eval --model fashion-unet --n 1000 --steps 50 --json
     """
@@ -131,14 +162,76 @@ def eval_(
     if n < 2:
         _fail(f"--n must be at least 2 for a covariance, got {n}.")
     _threads(threads)
-    m = _denoiser(model, weights)
-    result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size, progress=not as_json)
-    result = {"model": model, **result}
+    m, fp, model = _model_or_quantized(model, weights, quantized)
+    result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size, reference_model=fp, progress=not as_json)
+    if "psnr_vs_ref" in result:
+        result["psnr_vs_fp"] = result.pop("psnr_vs_ref")
+    result = {"model": model, **({"quantized": str(quantized)} if quantized else {}), **result}
     if as_json:
         typer.echo(json.dumps(result))
     else:
         for k, v in result.items():
             typer.echo(f"{k:18s} {v}")
+
+
+@app.command()
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print the recipes as JSON.")] = False):
+    """List the named quantization recipes.
+
+    Example: diffquant recipes
+    """
+    from diffquant.recipe import RECIPES
+
+    if as_json:
+        typer.echo(json.dumps({k: r.to_dict() for k, r in RECIPES.items()}, indent=2))
+        return
+    for name, r in RECIPES.items():
+        weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
+        acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
+        typer.echo(f"{name:14s} weights {weights:10s} activations {acts:30s} observer {r.observer}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: ModelOpt = "fashion-unet",
+    recipe: Annotated[
+        str, typer.Option(help="A named recipe (see `diffquant recipes`) or a recipe JSON file.")
+    ] = "w8a8",
+    out: Annotated[Path, typer.Option(help="Output directory (safetensors + recipe.json + meta.json).")] = Path(
+        "quantized"
+    ),
+    selection: Annotated[str | None, typer.Option(help="Calibration steps: single, uniform, ndtc or all.")] = None,
+    n_calib: Annotated[int | None, typer.Option(help="Calibration trajectories.")] = None,
+    observer: Annotated[str | None, typer.Option(help="minmax, percentile or mse.")] = None,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Quantize a built-in model with a recipe, calibrating on its own sampling trajectory.
+
+    Example: diffquant quantize --model fashion-unet --recipe w8a8 --out unet-w8a8
+    """
+    import time
+
+    from diffquant import quantize, save_quantized
+    from diffquant.recipe import Recipe, get_recipe
+
+    _threads(threads)
+    if Path(recipe).suffix == ".json":
+        r = _run(lambda: Recipe.from_json(Path(recipe).read_text()))
+    else:
+        r = _run(get_recipe, recipe)
+    cal = {k: v for k, v in {"selection": selection, "n_samples": n_calib}.items() if v is not None}
+    changes = {"calibration": cal} if cal else {}
+    if observer:
+        changes["observer"] = observer
+    if changes:
+        r = _run(r.replace, **changes)
+    m = _denoiser(model, weights)
+    start = time.perf_counter()
+    q = _run(quantize, m, r)
+    seconds = round(time.perf_counter() - start, 1)
+    _run(save_quantized, q, out, model, {"quantize_seconds": seconds})
+    typer.echo(f"wrote {out} ({r.name}, {seconds} s)")
 
 
 @app.command()

@@ -55,6 +55,8 @@ def save_quantized(
         meta["weight_bytes"] = weight_bytes(model)
         meta.update(extra or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
+        os.chmod(tmp / "model.safetensors", 0o644)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
             os.replace(out_dir, old / "d")

@@ -214,6 +214,7 @@ def export_weights(ckpt_path: str | Path, dest: str | Path, dtype: torch.dtype =
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     save_file(out, str(tmp), metadata={"step": str(ck["step"]), "model": ck["config"]["name"]})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
     return dest
 
@@ -277,6 +278,7 @@ def export_builtin(kind: str, ckpt_path: str | Path, data_dir: str | Path | None
         stats, reference = compute_reference_stats(net, data_dir)
         tmp = train_stats_path().with_name(train_stats_path().name + ".tmp")
         save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, train_stats_path())
         ref_path = weights_path(name).with_name("fashion-features-reference.json")
         ref_path.write_text(json.dumps(reference, indent=2) + "\n")
