@@ -1,0 +1,155 @@
+"""The PTQ comparison table: calibration methods x bit settings on the built-in models.
+
+Every row is evaluated with the fixed protocol (DDIM-50, seed 0, classes balanced) beside the
+full-precision row of the same run; PSNR compares each row's images with the FP images from
+identical noise. Rows are appended to the JSON as they finish, and a rerun skips rows already
+there (runs are long on a CPU), so the script can be stopped and resumed.
+
+    python benchmarks/ptq_table.py --n 1000                       # the whole table
+    python benchmarks/ptq_table.py --models fashion-unet --n 5000 --bits w8a8 w4a8
+
+Methods:
+    naive    single-step calibration (the last step), min-max, per-tensor static scales
+    qdiff    Q-Diffusion-style: uniform steps (every 5th), MSE (L2) range search, shortcut split
+    ptq4dm   PTQ4DM-style: normally distributed time steps (NDTC), L_2.4 range search
+    dynamic  per-token dynamic activation scales (no calibration data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from diffquant import quantize
+from diffquant.eval import Evaluator, psnr
+from diffquant.eval.evaluate import load_reference
+from diffquant.models import DENOISERS, load_builtin
+from diffquant.recipe import get_recipe
+from diffquant.sampling import sample
+
+RESULTS = Path(__file__).parent / "results"
+BITS = {
+    "W8A8": "w8a8",
+    "W8A6": "w8a6",
+    "W4A8": "w4a8",
+    "W8A4": "w8a4",
+    "W4A4": "w4a4",
+    "FP8": "fp8",
+}
+METHODS = {
+    "naive": dict(observer="minmax", split_shortcut=False, calibration={"selection": "single"}),
+    "qdiff": dict(observer="mse", lp_norm=2.0, calibration={"selection": "uniform", "every": 5}),
+    "ptq4dm": dict(observer="mse", lp_norm=2.4, calibration={"selection": "ndtc"}),
+    "dynamic": dict(act_mode="dynamic", act_granularity="token"),
+}
+
+
+def recipe_for(bits: str, method: str, n_calib: int):
+    base = get_recipe(BITS[bits])
+    changes = dict(METHODS[method])
+    if "calibration" in changes:
+        changes["calibration"] = {**changes["calibration"], "n_samples": n_calib}
+    return base.replace(name=f"{BITS[bits]}-{method}", **changes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(DENOISERS))
+    parser.add_argument("--bits", nargs="+", default=list(BITS), type=str.upper)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--n", type=int, default=1000, help="evaluation samples")
+    parser.add_argument("--n-calib", type=int, default=128, help="calibration trajectories")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/ptq_table_n{N})")
+    args = parser.parse_args()
+    out = args.out or RESULTS / f"ptq_table_n{args.n}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    record = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    record.update(
+        command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        n=args.n,
+        steps=args.steps,
+        fd_floor=load_reference()["fd_test_vs_train"].get(str(args.n)),
+    )
+    done = {(r["model"], r["bits"], r["method"]) for r in record["rows"]}
+    evaluator = Evaluator()
+    kw = dict(n=args.n, steps=args.steps, sampler="ddim", seed=0, progress=False)
+
+    def save():
+        record["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+        write_markdown(record, out.with_suffix(".md"))
+
+    for name in args.models:
+        start = time.perf_counter()
+        fp_images, labels = sample(load_builtin(name), **kw)
+        fp_seconds = time.perf_counter() - start
+        if (name, "FP32", "-") not in done:
+            row = {"model": name, "bits": "FP32", "method": "-", **evaluator.score(fp_images, labels)}
+            row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1))
+            record["rows"].append(row)
+            save()
+        for bits in args.bits:
+            for method in args.methods:
+                if (name, bits, method) in done:
+                    continue
+                recipe = recipe_for(bits, method, args.n_calib)
+                start = time.perf_counter()
+                model = quantize(load_builtin(name), recipe, progress=False)
+                calib_seconds = time.perf_counter() - start
+                images, _ = sample(model, **kw)
+                row = {"model": name, "bits": bits, "method": method, **evaluator.score(images, labels)}
+                row.update(
+                    psnr_vs_fp=psnr(images, fp_images),
+                    calib_seconds=round(calib_seconds, 1),
+                    seconds=round(time.perf_counter() - start, 1),
+                    recipe=recipe.to_dict(),
+                )
+                record["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
+                save()
+
+
+def write_markdown(record: dict, path: Path) -> None:
+    floor = "n/a (not tabulated for this N)" if record["fd_floor"] is None else f"{record['fd_floor']:.4f}"
+    lines = [
+        f"# PTQ methods x bit settings (N = {record['n']}, DDIM-{record['steps']})",
+        "",
+        f"Command: `{record['command']}` — {record.get('date', '')}, torch {record['torch']}, "
+        f"{record['threads']} threads, {record['machine']}.",
+        "",
+        f"FD in `fashion-features` space against the training set; FD of {record['n']} real test images "
+        f"(the floor): {floor}. PSNR: against the FP32 images of the same run from identical noise. "
+        "FD gap: (FD - FD_FP) / FD_FP.",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in record["rows"]):
+        rows = [r for r in record["rows"] if r["model"] == model]
+        fp = next((r for r in rows if r["bits"] == "FP32"), None)
+        lines += [f"## {model}", "", "| bits | method | FD | FD gap | class consistency | PSNR vs FP (dB) |"]
+        lines += ["|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            gap = "" if fp is None or r is fp else f"{100 * (r['fd'] - fp['fd']) / fp['fd']:+.1f} %"
+            p = "" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
+            lines.append(
+                f"| {r['bits']} | {r['method']} | {r['fd']:.4f} | {gap} | {r['class_consistency']:.4f} | {p} |"
+            )
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
