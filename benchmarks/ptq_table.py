@@ -12,7 +12,11 @@ Methods:
     naive    single-step calibration (the last step), min-max, per-tensor static scales
     qdiff    Q-Diffusion-style: uniform steps (every 5th), MSE (L2) range search, shortcut split
     ptq4dm   PTQ4DM-style: normally distributed time steps (NDTC), L_2.4 range search
+    bucketed 10 groups of 5 steps, each its own scale (all steps observed, L_2.4 search)
+    tdq      Temporal Dynamic Quantization: a per-step scale table from a generator g(t) fitted to
+             the per-step optimal ranges (all steps observed, L_2.4 search)
     dynamic  per-token dynamic activation scales (no calibration data)
+    dynamic-tensor  per-tensor dynamic activation scales
 """
 
 from __future__ import annotations
@@ -47,8 +51,12 @@ METHODS = {
     "naive": dict(observer="minmax", split_shortcut=False, calibration={"selection": "single"}),
     "qdiff": dict(observer="mse", lp_norm=2.0, calibration={"selection": "uniform", "every": 5}),
     "ptq4dm": dict(observer="mse", lp_norm=2.4, calibration={"selection": "ndtc"}),
+    "bucketed": dict(observer="mse", act_mode="bucketed", buckets=10, calibration={"selection": "all"}),
+    "tdq": dict(observer="mse", act_mode="tdq", calibration={"selection": "all"}),
     "dynamic": dict(act_mode="dynamic", act_granularity="token"),
+    "dynamic-tensor": dict(act_mode="dynamic", act_granularity="tensor"),
 }
+DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 
 
 def recipe_for(bits: str, method: str, n_calib: int):
@@ -63,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DENOISERS))
     parser.add_argument("--bits", nargs="+", default=list(BITS), type=str.upper)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=1000, help="evaluation samples")
     parser.add_argument("--n-calib", type=int, default=128, help="calibration trajectories")
     parser.add_argument("--steps", type=int, default=50)

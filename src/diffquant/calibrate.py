@@ -134,6 +134,24 @@ def _observe(model, x, t, y, rows):
     return model(x, t, y)
 
 
+def fit_tdq(quantizers: list[ActQuantizer], recipe: Recipe) -> list[float]:
+    """Fit the TDQ generators of ``quantizers`` to their per-step optimal ranges, then freeze tables.
+
+    Returns the RMS log-range error of each fit (how far the smooth ``g(t)`` is from the per-step optimum).
+    """
+    from diffquant.methods.tdq import fit_generators
+
+    if not quantizers:
+        return []
+    pairs = [q.tdq_targets() for q in quantizers]
+    errors = fit_generators(
+        [q.generator for q in quantizers], [p[0] for p in pairs], [p[1] for p in pairs], iters=recipe.tdq_iters
+    )
+    for q in quantizers:
+        q.write_tdq_table()
+    return errors
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -166,7 +184,9 @@ def calibrate(
             timesteps = (runner or _builtin_runner)(model, config, _observe, progress)
         groups = step_buckets(timesteps, recipe.buckets) if recipe.act_mode == "bucketed" else None
         for q in quants:
-            q.finalize(groups)
+            if q.mode != "tdq":
+                q.finalize(groups)
+        fit_tdq([q for q in quants if q.mode == "tdq"], recipe)
     finally:
         for q in quants:
             q.observer = None

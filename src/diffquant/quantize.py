@@ -105,6 +105,7 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
         kw = dict(
             qtype=get_qtype(fmt), mode=recipe.act_mode, granularity=recipe.act_granularity,
             symmetric=recipe.act_symmetric, buckets=recipe.buckets, num_timesteps=T, name=name,
+            tdq={"hidden": recipe.tdq_hidden, "n_freqs": recipe.tdq_freqs},
         )  # fmt: skip
         kw.update(extra)
         if module is not None:

@@ -113,7 +113,8 @@ class Recipe:
         activations: activation format (``int8``, ``int6``, ``int4``, ``fp8_e4m3``), or ``none``
             for weight-only quantization.
         act_mode: ``static`` (one scale for all steps), ``bucketed`` (``buckets`` groups of
-            steps), ``dynamic`` (computed on the fly).
+            steps), ``tdq`` (a fitted function of the time step, tabulated per step: Temporal
+            Dynamic Quantization), ``dynamic`` (computed on the fly).
         act_granularity: ``tensor`` or ``token`` (``token`` needs ``dynamic``).
         act_symmetric: symmetric activation grid (default asymmetric, with a zero point).
         buckets: number of step groups for ``bucketed``.
@@ -126,6 +127,7 @@ class Recipe:
         exclude: fnmatch patterns of modules kept in float.
         overrides: per-module :class:`Override` entries, the last match wins.
         calibration: :class:`CalibrationConfig`.
+        tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
     """
 
     name: str = "custom"
@@ -145,6 +147,9 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tdq_hidden: int = 64
+    tdq_freqs: int = 8
+    tdq_iters: int = 600
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -157,8 +162,10 @@ class Recipe:
                 raise ValueError(f"activations take int2..int8 or fp8_e4m3, not {fmt}")
         if self.weight_group_size is not None and not 1 <= self.weight_group_size <= 4096:
             raise ValueError(f"weight_group_size must be in 1..4096 or None, got {self.weight_group_size}")
-        if self.act_mode not in ("static", "bucketed", "dynamic"):
-            raise ValueError(f"act_mode must be static, bucketed or dynamic, got {self.act_mode!r}")
+        if self.act_mode not in ("static", "bucketed", "tdq", "dynamic"):
+            raise ValueError(f"act_mode must be static, bucketed, tdq or dynamic, got {self.act_mode!r}")
+        if self.tdq_hidden < 1 or self.tdq_freqs < 1 or self.tdq_iters < 0:
+            raise ValueError("tdq_hidden and tdq_freqs must be >= 1, tdq_iters >= 0")
         if self.act_granularity not in ("tensor", "token"):
             raise ValueError(f"act_granularity must be tensor or token, got {self.act_granularity!r}")
         if self.act_granularity == "token" and self.act_mode != "dynamic":
@@ -243,6 +250,16 @@ RECIPES: dict[str, Recipe] = {
         _named("w4a4", weights="int4", weight_group_size=64, activations="int4"),
         _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
         _named("w8a16", activations="none", attention=False),
+        *(
+            _named(f"{base}-tdq", act_mode="tdq", calibration=CalibrationConfig(selection="all"), **kw)
+            for base, kw in (
+                ("w8a8", {}),
+                ("w8a6", {"activations": "int6"}),
+                ("w8a4", {"activations": "int4"}),
+                ("w4a8", {"weights": "int4", "weight_group_size": 64}),
+                ("w4a4", {"weights": "int4", "weight_group_size": 64, "activations": "int4"}),
+            )
+        ),
         _named("w4a16", weights="int4", weight_group_size=64, activations="none", attention=False),
     )
 }

@@ -17,7 +17,7 @@ from diffquant.observers import Observer
 from diffquant.qtypes import QType, get_qtype
 from diffquant.timestep import current_step
 
-MODES = ("static", "bucketed", "dynamic")
+MODES = ("static", "bucketed", "tdq", "dynamic")
 GRANULARITIES = ("tensor", "token")
 
 
@@ -30,13 +30,16 @@ class ActQuantizer(nn.Module):
 
     Args:
         qtype: activation format (``int8``, ``int6``, ``int4``, ``fp8_e4m3``...).
-        mode: ``static`` (one scale), ``bucketed`` (one per group of steps) or ``dynamic``.
+        mode: ``static`` (one scale), ``bucketed`` (one per group of steps), ``tdq`` (one per
+            time step, from a fitted generator of ``t``: Temporal Dynamic Quantization) or
+            ``dynamic``.
         granularity: ``tensor`` or ``token`` (dynamic mode only: one scale per row/pixel).
         symmetric: symmetric grid (zero point 0) or asymmetric (unsigned grid + zero point).
         channel_dim: the dim reduced for per-token scales (-1 for Linear inputs, 1 for Conv2d).
         buckets: number of scale buckets (1 for static).
         num_timesteps: the model's training time steps ``T``.
         name: the layer this quantizer belongs to, for error messages.
+        tdq: keyword arguments of :class:`~diffquant.methods.tdq.TDQGenerator` (tdq mode).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ActQuantizer(nn.Module):
         buckets: int = 1,
         num_timesteps: int = 1000,
         name: str = "",
+        tdq: dict | None = None,
     ):
         super().__init__()
         self.qtype = get_qtype(qtype)
@@ -65,10 +69,17 @@ class ActQuantizer(nn.Module):
         self.symmetric = symmetric or self.qtype.kind == "float"
         self.channel_dim = channel_dim
         self.name = name
-        n = 1 if mode != "bucketed" else buckets
+        n = {"bucketed": buckets, "tdq": num_timesteps}.get(mode, 1)
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
         self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long))
+        self.generator = None
+        self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
+        if mode == "tdq":
+            from diffquant.methods.tdq import TDQGenerator
+
+            self.generator = TDQGenerator(num_timesteps, **(tdq or {}))
+            self.bucket_of_t.copy_(torch.arange(num_timesteps))
         self.register_buffer("calibrated", torch.tensor(mode == "dynamic"))
         self.observer: Observer | None = None
         self.observing = False
@@ -104,10 +115,50 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "dynamic":
             return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim)
+        if self.learnable and self.generator is not None:
+            t = torch.tensor([self._timestep()], device=x.device)
+            lo, hi = self.generator.ranges(t)
+            scale, zp = self._differentiable_scale(lo[0], hi[0])
+            return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
         if not bool(self.calibrated):
             raise RuntimeError(f"{self.name}: activation scales are not calibrated; pass calibration to quantize().")
         scale, zp = self.scale_for(self._timestep() if self.scale.numel() > 1 else 0)
         return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
+
+    def _differentiable_scale(self, lo, hi):
+        """Scale and zero point from a range, keeping the gradient w.r.t. the range (LSQ)."""
+        if self.qtype.kind == "float":
+            return torch.maximum(-lo, hi) / self.qtype.max_value, torch.zeros_like(hi)
+        if self.symmetric:
+            return torch.maximum(-lo, hi) / self.qtype.qmax, torch.zeros_like(hi)
+        qmin, qmax = P.int_range(self.qtype, False)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(P.EPS)
+        return scale, (qmin - P.round_ste(lo / scale)).clamp(qmin, qmax)
+
+    def tdq_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observed time steps and the observer's optimal extents ``[-lo, hi]`` at each (for fitting)."""
+        obs = self.observer
+        if obs is None or not obs.per_step:
+            raise CalibrationError(f"{self.name}: no calibration data reached this layer")
+        ts = obs.timesteps
+        ext = []
+        for t in ts:
+            lo, hi = obs.range(self.qtype, self.symmetric, [t])
+            amax = max(-lo, hi, 1e-8)
+            ext.append([-lo, hi] if not self.symmetric else [amax, amax])
+        ext = torch.tensor(ext, dtype=torch.float32)
+        floor = 1e-4 * ext.max()  # an extent of 0 (e.g. after ReLU) becomes a negligible one
+        return torch.tensor(ts), ext.clamp_min(floor)
+
+    @torch.no_grad()
+    def write_tdq_table(self) -> None:
+        """Evaluate the generator at every ``t`` in ``[0, T)`` into the scale table (freeze)."""
+        lo, hi = self.generator.ranges(torch.arange(self.scale.numel()))
+        scale, zp = P.scale_from_range(lo, hi, self.qtype, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated.fill_(True)
+        self.observer = None
 
     @torch.no_grad()
     def finalize(self, buckets: list[list[int]] | None = None) -> None:
@@ -120,6 +171,8 @@ class ActQuantizer(nn.Module):
         if self.mode == "dynamic":
             self.observer = None
             return
+        if self.mode == "tdq":
+            raise ValueError(f"{self.name}: tdq quantizers are finalized by fitting (see diffquant.calibrate)")
         obs = self.observer
         if obs is None or not obs.per_step:
             raise CalibrationError(f"{self.name}: no calibration data reached this layer")

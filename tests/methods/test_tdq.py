@@ -1,0 +1,125 @@
+"""Temporal Dynamic Quantization: generator fit, frozen tables, per-step lookup, zero overhead."""
+
+import pytest
+import torch
+
+from diffquant import CalibrationConfig, load_quantized, quantize, save_quantized
+from diffquant import primitives as P
+from diffquant.methods.tdq import TDQGenerator, fit_generators
+from diffquant.nn import ActQuantizer
+from diffquant.qtypes import int8
+from diffquant.sampling import sample
+from diffquant.timestep import current_step, denoising_step
+from tests.conftest import tiny_model
+
+CAL = CalibrationConfig(selection="all", n_samples=4, steps=8, batch_size=4)
+
+
+def test_generator_fits_smooth_per_step_ranges():
+    torch.manual_seed(0)
+    ts = torch.arange(999, -1, -20)
+    # a range that shrinks 30x from noise to data, with a bump in the middle
+    hi = 0.1 + 3.0 * (ts / 1000.0) ** 2 + 0.5 * torch.exp(-(((ts - 500) / 80.0) ** 2))
+    lo = 0.2 * hi
+    gens = [TDQGenerator(), TDQGenerator()]
+    errors = fit_generators(gens, [ts, ts], [torch.stack([lo, hi], 1), torch.stack([hi, hi], 1)], iters=1500)
+    assert max(errors) < 0.05  # RMS error of log-ranges: within ~5 %
+    pred_lo, pred_hi = gens[0].ranges(ts)
+    assert torch.allclose(pred_hi, hi, rtol=0.15) and torch.allclose(-pred_lo, lo, rtol=0.15)
+
+
+def _tdq_model(kind="unet"):
+    return quantize(tiny_model(kind), "w8a6-tdq", CAL, progress=False)
+
+
+def test_frozen_table_equals_generator_output():
+    model = _tdq_model()
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "tdq"]
+    assert quants
+    t = torch.tensor([0, 1, 37, 500, 998, 999])
+    for q in quants:
+        lo, hi = q.generator.ranges(t)
+        scale, zp = P.scale_from_range(lo, hi, q.qtype, q.symmetric)
+        assert torch.allclose(q.scale[t], scale) and torch.equal(q.zero_point[t], zp)
+
+
+def test_step_k_uses_table_entry_of_its_timestep():
+    q = ActQuantizer(int8, "tdq", num_timesteps=1000)
+    q.scale.copy_(torch.linspace(0.001, 1.0, 1000))
+    q.zero_point.zero_()
+    q.calibrated.fill_(True)
+    x = torch.tensor([10.0])  # on the grid of scale[t], clipped at 255 * scale[t]
+    for t in (0, 321, 999):
+        s = q.scale[t].item()
+        with denoising_step(5, t, 50):
+            assert q(x).item() == pytest.approx(min(round(10.0 / s), 255) * s, rel=1e-6)
+
+
+def test_frozen_model_never_calls_the_generator():
+    model = _tdq_model("dit")
+
+    def boom(*a, **k):
+        raise AssertionError("generator called on the hot path")
+
+    for m in model.modules():
+        if isinstance(m, ActQuantizer) and m.generator is not None:
+            m.generator.forward = boom
+    images, _ = sample(model, n=2, steps=3, progress=False)
+    assert torch.isfinite(images).all()
+
+
+def test_generations_are_independent_and_reset():
+    model = _tdq_model("dit")
+    a, _ = sample(model, n=2, steps=4, progress=False)
+    assert current_step() is None
+    b, _ = sample(model, n=2, steps=4, progress=False)
+    assert torch.equal(a, b)
+
+
+def test_tdq_beats_static_at_low_bits_on_a_step_dependent_layer():
+    # activations whose range shrinks 50x over the trajectory: one static scale wastes the grid
+    torch.manual_seed(1)
+    steps = torch.arange(999, -1, -50)
+    data = {int(t): torch.randn(4096) * (0.05 + 2.5 * t / 1000) for t in steps}
+    errs = {}
+    for mode in ("static", "tdq"):
+        q = ActQuantizer("int4", mode, symmetric=True, num_timesteps=1000)
+        from diffquant.observers import MseObserver
+
+        q.observer, q.observing = MseObserver(p=2.0), True
+        for t, x in data.items():
+            with denoising_step(0, t, len(steps)):
+                q(x)
+        q.observing = False
+        if mode == "tdq":
+            ts, ext = q.tdq_targets()
+            fit_generators([q.generator], [ts], [ext], iters=800)
+            q.write_tdq_table()
+        else:
+            q.finalize()
+        err = 0.0
+        for t, x in data.items():
+            with denoising_step(0, t, len(steps)):
+                err += ((q(x) - x) ** 2).mean().item() / (x**2).mean().item()
+        errs[mode] = err
+    assert errs["tdq"] < 0.5 * errs["static"]
+
+
+def test_learnable_mode_passes_gradients_to_the_generator():
+    q = ActQuantizer(int8, "tdq", num_timesteps=1000)
+    q.learnable = True
+    x = torch.randn(64) * 3
+    with denoising_step(0, 400, 10):
+        loss = (q(x) - x).pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in q.generator.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_tdq_save_load_identical(tmp_path):
+    model = _tdq_model()
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([640, 640]), torch.tensor([1, 2])
+    out = model(x, t, y)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", model=tiny_model("unet"))
+    assert torch.equal(loaded(x, t, y), out)
