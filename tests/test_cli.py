@@ -31,7 +31,7 @@ def test_help_lists_commands():
         assert cmd in result.output
 
 
-@pytest.mark.parametrize("cmd", ["sample", "eval", "train", "demo", "models"])
+@pytest.mark.parametrize("cmd", ["sample", "eval", "train", "demo", "models", "quantize", "recipes", "export-weights"])
 def test_every_command_has_help_with_example(cmd):
     result = run(cmd, "--help")
     assert result.exit_code == 0 and "Example: diffquant" in result.output
@@ -80,6 +80,10 @@ def test_corrupt_weight_file(tmp_path):
 def test_missing_data_directory(tmp_path):
     result = run("train", "features", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"))
     assert_user_error(result, "dataset-fashion-mnist", "DIFFQUANT_DATA_DIR")
+
+
+def test_export_weights_missing_checkpoint(tmp_path):
+    assert_user_error(run("export-weights", "unet", "--checkpoint", str(tmp_path / "none.pt")), "not found")
 
 
 def test_unknown_train_kind(tmp_path):

@@ -270,6 +270,29 @@ def train(
         typer.echo(f"exported {', '.join(str(d) for d in dest)}")
 
 
+@app.command("export-weights")
+def export_weights_cmd(
+    kind: Annotated[str, typer.Argument(help="unet, dit or features.")],
+    checkpoint: Annotated[Path, typer.Option(help="A training checkpoint (checkpoint.pt).")],
+    data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST idx directory (features only).")] = None,
+):
+    """Write a training checkpoint's EMA weights as the shipped weights of a built-in model.
+
+    For `features` this also recomputes the training-set feature statistics (needs the data set).
+
+    Example: diffquant export-weights unet --checkpoint /work/ckpt/unet/checkpoint.pt
+    """
+    from diffquant import train as training
+
+    if kind not in training.KIND_TO_MODEL:
+        _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
+    if not checkpoint.is_file():
+        _fail(f"checkpoint not found: {checkpoint}")
+    dest = _run(training.export_builtin, kind, checkpoint, data_dir)
+    step, _ = training.checkpoint_progress(checkpoint)
+    typer.echo(f"exported step {step}: {', '.join(str(d) for d in dest)}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("diffquant-demo"),
