@@ -113,3 +113,20 @@ def test_make_observer_and_errors():
         make_observer("kl")
     with pytest.raises(ValueError, match="no data"):
         MinMaxObserver().range(int8, True)
+
+
+def test_step_percentile_reduces_over_the_first_steps():
+    from diffquant.observers import StepAmaxObserver
+
+    # per-step amax 1, 2, ..., 10 in denoising order (t = 900 is the first step)
+    amax = {900 - 100 * i: float(i + 1) for i in range(10)}
+    for reduction, share, expected in (("mean", 1.0, 5.5), ("mean", 0.5, 3.0), ("min", 0.5, 1.0), ("min", 0.01, 1.0)):
+        obs = StepAmaxObserver(step_percentile=share, reduction=reduction)
+        for t, a in amax.items():
+            obs.update(torch.tensor([-a / 2, a]), t)
+        lo, hi = obs.range(int8, symmetric=True)
+        assert (lo, hi) == pytest.approx((-expected, expected)), (reduction, share)
+    obs = StepAmaxObserver(step_percentile=0.3, reduction="mean")
+    for t, a in amax.items():
+        obs.update(torch.tensor([-a / 2, a]), t)
+    assert obs.range(int8, symmetric=False) == pytest.approx((-1.0, 2.0))  # mean of steps 1-3

@@ -25,6 +25,7 @@ RECIPES = {
     "bucketed": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
     "minmax-single": get_recipe("w8a8").replace(observer="minmax", calibration={"selection": "single"}),
     "percentile-ndtc": get_recipe("w8a8").replace(observer="percentile", calibration={"selection": "ndtc"}),
+    "trt-percentile": get_recipe("w8a8-percentile"),
 }
 
 

@@ -259,7 +259,47 @@ class MseObserver(Observer):
         return best_lo * lo0, best_hi * hi0
 
 
-OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MseObserver)}
+class StepAmaxObserver(Observer):
+    """TensorRT's "Percentile Quant" for diffusion: per-step extremes, reduced over the early steps.
+
+    The extremes of every observed step are taken in denoising order (noisiest step first); the
+    final range is the ``reduction`` (``min`` or ``mean``) of the first ``ceil(step_percentile *
+    n_steps)`` of them, so that the wide ranges of the last, nearly clean steps do not set the
+    scale for the whole trajectory.
+
+    Args:
+        step_percentile: share of the steps (0, 1] used, counted from the first denoising step.
+        reduction: ``min`` (the tightest range among them) or ``mean``.
+    """
+
+    name = "step-percentile"
+
+    def __init__(self, step_percentile: float = 1.0, reduction: str = "mean", bins: int = 2048):
+        super().__init__(bins)
+        if not 0 < step_percentile <= 1:
+            raise ValueError(f"step_percentile must be in (0, 1], got {step_percentile}")
+        if reduction not in ("min", "mean"):
+            raise ValueError(f"reduction must be 'min' or 'mean', got {reduction!r}")
+        self.step_percentile = step_percentile
+        self.reduction = reduction
+
+    def range(self, qtype: QType, symmetric: bool, timesteps: Iterable[int] | None = None) -> tuple[float, float]:
+        keys = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_step]
+        if not keys:
+            raise ValueError("the observer saw no data at the requested time steps")
+        ordered = sorted(keys, reverse=True)  # denoising order: t = T-1 first
+        used = ordered[: max(1, math.ceil(self.step_percentile * len(ordered)))]
+        lo = torch.tensor([self.per_step[t].min for t in used], dtype=torch.float64)
+        hi = torch.tensor([self.per_step[t].max for t in used], dtype=torch.float64)
+        if symmetric:
+            hi = torch.maximum(lo.abs(), hi.abs())
+            lo = -hi
+        if self.reduction == "min":
+            return float(lo.max()), float(hi.min())
+        return float(lo.mean()), float(hi.mean())
+
+
+OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MseObserver, StepAmaxObserver)}
 
 
 def make_observer(name: str, **kwargs) -> Observer:

@@ -118,8 +118,11 @@ class Recipe:
         act_granularity: ``tensor`` or ``token`` (``token`` needs ``dynamic``).
         act_symmetric: symmetric activation grid (default asymmetric, with a zero point).
         buckets: number of step groups for ``bucketed``.
-        observer: ``minmax``, ``percentile`` or ``mse``.
+        observer: ``minmax``, ``percentile``, ``mse`` or ``step-percentile`` (TensorRT's
+            Percentile Quant: per-step extremes reduced over the first steps).
         percentile: for the percentile observer.
+        step_percentile, step_reduction: for ``step-percentile``: the share of the steps used,
+            counted from the first denoising step, and ``min`` or ``mean``.
         lp_norm: the ``p`` of the mse observer's L_p error (PTQ4DM: 2.4).
         attention: quantize the attention matmuls (Q·Kᵀ and P·V).
         softmax: format of the softmax output ``P`` (``none`` keeps it float).
@@ -140,6 +143,8 @@ class Recipe:
     buckets: int = 1
     observer: str = "mse"
     percentile: float = 99.99
+    step_percentile: float = 1.0
+    step_reduction: str = "mean"
     lp_norm: float = 2.4
     attention: bool = True
     softmax: str = "int8"
@@ -176,6 +181,8 @@ class Recipe:
             raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not 0 < self.step_percentile <= 1 or self.step_reduction not in ("min", "mean"):
+            raise ValueError("step_percentile must be in (0, 1] and step_reduction 'min' or 'mean'")
         if self.lp_norm <= 0:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
 
@@ -250,6 +257,13 @@ RECIPES: dict[str, Recipe] = {
         _named("w4a4", weights="int4", weight_group_size=64, activations="int4"),
         _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
         _named("w8a16", activations="none", attention=False),
+        _named(
+            "w8a8-percentile",
+            observer="step-percentile",
+            step_percentile=1.0,
+            step_reduction="mean",
+            calibration=CalibrationConfig(selection="all"),
+        ),
         *(
             _named(f"{base}-tdq", act_mode="tdq", calibration=CalibrationConfig(selection="all"), **kw)
             for base, kw in (
