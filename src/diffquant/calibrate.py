@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffquant.nn.quantizer import ActQuantizer
+from diffquant.nn.quantizer import ActQuantizer, CalibrationError
 from diffquant.observers import make_observer
 from diffquant.recipe import CalibrationConfig, Recipe
 from diffquant.sampling import SamplerConfig, balanced_labels, make_scheduler, sample_batch
@@ -134,6 +134,41 @@ def _observe(model, x, t, y, rows):
     return model(x, t, y)
 
 
+@torch.no_grad()
+def smooth(model: nn.Module, recipe: Recipe, config: CalibrationConfig, runner=None, progress=True) -> dict[str, float]:
+    """SmoothQuant's first pass: per-channel activation maxima and sample rows on the trajectory,
+    then each layer's factors with a fixed or searched alpha. Returns ``{layer: alpha}``."""
+    from diffquant.methods.smoothquant import SmoothStats, search_alpha, smoothing_factors
+    from diffquant.nn.modules import QuantModule
+
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantModule) and getattr(m, "smooth", None) is not None
+    }
+    for m in layers.values():
+        m.smooth.fill_(1.0)
+        m.smooth_stats = SmoothStats()
+    try:
+        with full_precision(model):
+            (runner or _builtin_runner)(model, config, _observe, progress)
+        alphas = {}
+        for name, m in layers.items():
+            stats = m.smooth_stats
+            if stats.absmax is None:
+                raise CalibrationError(f"{name}: no calibration data reached this layer")
+            if recipe.smoothquant_alpha is not None:
+                alpha, s = recipe.smoothquant_alpha, smoothing_factors(stats.absmax, m.weight, recipe.smoothquant_alpha)
+            else:
+                q = m.input_quantizer
+                alpha, s, _ = search_alpha(stats, m.weight, q.qtype, m.weight_qtype, m.group_size, q.symmetric)
+            m.smooth.copy_(s.to(m.smooth.dtype))
+            alphas[name] = alpha
+        model.diffquant_smoothquant_alphas = alphas
+        return alphas
+    finally:
+        for m in layers.values():
+            m.smooth_stats = None
+
+
 def fit_tdq(quantizers: list[ActQuantizer], recipe: Recipe) -> list[float]:
     """Fit the TDQ generators of ``quantizers`` to their per-step optimal ranges, then freeze tables.
 
@@ -173,6 +208,8 @@ def calibrate(
         progress: show a progress bar.
     """
     config = config or recipe.calibration
+    if recipe.smoothquant:
+        smooth(model, recipe, config, runner, progress)
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode != "dynamic"]
     obs_kwargs = {"percentile": {"percentile": recipe.percentile}, "mse": {"p": recipe.lp_norm}}.get(
         recipe.observer, {}

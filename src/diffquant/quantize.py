@@ -128,6 +128,8 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
             module, wq, settings["weight_group_size"], iq, input_split=split if iq2 is not None else 0,
             input_quantizer_2=iq2,
         )  # fmt: skip
+        if recipe.smoothquant and iq is not None and isinstance(module, nn.Linear):
+            qmod.enable_smoothing()
         model.set_submodule(name, qmod)
 
     if recipe.attention and recipe.quantizes_activations and uses_diffusers(model):

@@ -131,6 +131,8 @@ class Recipe:
         overrides: per-module :class:`Override` entries, the last match wins.
         calibration: :class:`CalibrationConfig`.
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
+        smoothquant: SmoothQuant on every quantized Linear (x / s, W * s).
+        smoothquant_alpha: a fixed migration strength, or ``None`` to search it per layer.
     """
 
     name: str = "custom"
@@ -155,6 +157,8 @@ class Recipe:
     tdq_hidden: int = 64
     tdq_freqs: int = 8
     tdq_iters: int = 600
+    smoothquant: bool = False
+    smoothquant_alpha: float | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -183,6 +187,8 @@ class Recipe:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if not 0 < self.step_percentile <= 1 or self.step_reduction not in ("min", "mean"):
             raise ValueError("step_percentile must be in (0, 1] and step_reduction 'min' or 'mean'")
+        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
         if self.lp_norm <= 0:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
 
@@ -257,6 +263,7 @@ RECIPES: dict[str, Recipe] = {
         _named("w4a4", weights="int4", weight_group_size=64, activations="int4"),
         _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
         _named("w8a16", activations="none", attention=False),
+        _named("w8a8-smoothquant", smoothquant=True),
         _named(
             "w8a8-percentile",
             observer="step-percentile",

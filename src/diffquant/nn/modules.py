@@ -52,8 +52,18 @@ class QuantModule(nn.Module):
         self.weight_quant_enabled = True
         self._w_cache: torch.Tensor | None = None
         self.frozen = False
+        self.smooth_stats = None  # a SmoothStats collector while SmoothQuant calibrates
+
+    def enable_smoothing(self) -> None:
+        """Give the layer a SmoothQuant factor per input channel (``x / s``, ``W * s``), initially 1."""
+        if getattr(self, "smooth", None) is None:
+            self.register_buffer("smooth", torch.ones(self.weight.shape[1], device=self.weight.device))
 
     def quantize_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        if self.smooth_stats is not None and self.input_quantizer is not None and self.input_quantizer.observing:
+            self.smooth_stats.update(x)
+        if getattr(self, "smooth", None) is not None:
+            x = x / self.smooth.to(x.dtype)
         if self.input_quantizer is None:
             return x
         if self.input_split:
@@ -67,9 +77,12 @@ class QuantModule(nn.Module):
             if self._w_cache is None:
                 self._w_cache = self._stored().dequantize()
             return self._w_cache
+        w = self.weight
+        if getattr(self, "smooth", None) is not None:
+            w = w * self.smooth.to(w.dtype)
         if self.weight_qtype is None or not self.weight_quant_enabled:
-            return self.weight
-        return P.fake_quant_weight(self.weight, self.weight_qtype, self.group_size)
+            return w
+        return P.fake_quant_weight(w, self.weight_qtype, self.group_size)
 
     def _stored(self) -> P.QuantizedWeight:
         packed = self.qweight.dtype == torch.uint8
@@ -83,7 +96,8 @@ class QuantModule(nn.Module):
         """Replace the float weight by its integer storage (``qweight``, ``weight_scale``)."""
         if self.frozen or self.weight_qtype is None:
             return
-        qw = P.quantize_weight(self.weight, self.weight_qtype, self.group_size)
+        w = self.weight if getattr(self, "smooth", None) is None else self.weight * self.smooth
+        qw = P.quantize_weight(w, self.weight_qtype, self.group_size)
         del self.weight
         self.register_buffer("qweight", qw.qdata)
         self.register_buffer("weight_scale", qw.scale)
