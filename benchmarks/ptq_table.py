@@ -45,7 +45,7 @@ BITS = {
     "W4A8": "w4a8",
     "W8A4": "w8a4",
     "W4A4": "w4a4",
-    "FP8": "fp8",
+    "FP8": "fp8-attn",  # like the integer rows, with the attention matmuls quantized
 }
 METHODS = {
     "naive": dict(observer="minmax", split_shortcut=False, calibration={"selection": "single"}),

@@ -198,3 +198,20 @@ def test_calibration_peak_memory_does_not_grow_with_samples(tmp_path):
         out = subprocess.run([sys.executable, str(script), str(n)], capture_output=True, text=True, check=True)
         peaks[n] = int(out.stdout.strip().splitlines()[-1])  # KiB
     assert peaks[512] < peaks[64] * 1.1 + 10_000, peaks
+
+
+@pytest.mark.parametrize(
+    ("level", "conv", "ff", "qkv", "out", "matmuls"),
+    [(1, True, False, False, False, False), (2, True, True, False, False, False), (2.5, True, True, True, False, False),
+     (3, True, True, True, True, False), (4, True, True, True, True, True)],
+)  # fmt: skip
+def test_quant_levels(level, conv, ff, qkv, out, matmuls):
+    model = prepare(tiny_model("dit"), get_recipe("w8a8").replace(quant_level=level))
+    mods = dict(model.named_modules())
+    block = "dit.transformer_blocks.0"
+    assert isinstance(mods[f"{block}.ff.net.2"], nn.Linear) is not ff
+    assert isinstance(mods[f"{block}.attn1.to_q"], nn.Linear) is not qkv
+    assert isinstance(mods[f"{block}.attn1.to_out.0"], nn.Linear) is not out
+    assert hasattr(mods[f"{block}.attn1"], "quant_matmuls") is matmuls
+    unet = dict(prepare(tiny_model("unet"), get_recipe("w8a8").replace(quant_level=level)).named_modules())
+    assert isinstance(unet["unet.down_blocks.0.resnets.0.conv1"], QuantConv2d) is conv

@@ -114,7 +114,7 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
 
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QMODULES and n]
     for name, module in targets:
-        settings = recipe.settings_for(name)
+        settings = recipe.settings_for(name, "conv" if isinstance(module, nn.Conv2d) else "linear")
         if settings is None:
             continue
         wq = None if settings["weights"] == "none" else settings["weights"]
@@ -132,7 +132,7 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
             qmod.enable_smoothing()
         model.set_submodule(name, qmod)
 
-    if recipe.attention and recipe.quantizes_activations and uses_diffusers(model):
+    if recipe.quantizes_attention and uses_diffusers(model):
         from diffquant.integrations.diffusers import quantize_attention
 
         def include(name):

@@ -25,6 +25,10 @@ from diffquant.sampling import SAMPLERS
 
 RECIPE_VERSION = 1
 SELECTIONS = ("single", "uniform", "ndtc", "all")
+QUANT_LEVELS = (1.0, 2.0, 2.5, 3.0, 4.0)
+# Layer roles for quant levels (TensorRT Model Optimizer's diffusion levels), by name pattern.
+FEED_FORWARD = ("*ff.net.*", "*.ff.*", "*feed_forward*", "*mlp.*")
+QKV = ("*to_q", "*to_k", "*to_v", "*add_q_proj", "*add_k_proj", "*add_v_proj", "*to_qkv")
 
 # Layers kept in float by default, as TensorRT's diffusion recipe does: time and class embeddings,
 # the first and last layers (UNet conv_in / conv_out, DiT patch embedding / final projections).
@@ -133,6 +137,9 @@ class Recipe:
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
         smoothquant: SmoothQuant on every quantized Linear (x / s, W * s).
         smoothquant_alpha: a fixed migration strength, or ``None`` to search it per layer.
+        quant_level: ModelOpt-style scope: 1 convolutions; 2 + feed-forward Linears; 2.5 + Q/K/V
+            projections; 3 all Linears; 4 + attention matmuls. ``None``: everything the other
+            fields allow.
     """
 
     name: str = "custom"
@@ -159,6 +166,7 @@ class Recipe:
     tdq_iters: int = 600
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
+    quant_level: float | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -189,6 +197,8 @@ class Recipe:
             raise ValueError("step_percentile must be in (0, 1] and step_reduction 'min' or 'mean'")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
+        if self.quant_level is not None and self.quant_level not in QUANT_LEVELS:
+            raise ValueError(f"quant_level must be one of {QUANT_LEVELS} or None, got {self.quant_level}")
         if self.lp_norm <= 0:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
 
@@ -201,9 +211,26 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.quantizes_activations and self.act_mode != "dynamic"
 
-    def settings_for(self, module_name: str) -> dict | None:
-        """Weight/activation settings for a module, or ``None`` if it stays in float."""
-        if any(fnmatchcase(module_name, p) for p in self.exclude):
+    @property
+    def quantizes_attention(self) -> bool:
+        """Whether the attention matmuls are quantized (``attention`` and, if set, quant level 4)."""
+        return self.attention and self.quantizes_activations and (self.quant_level is None or self.quant_level >= 4)
+
+    def in_level(self, module_name: str, kind: str) -> bool:
+        """Whether a ``conv`` or ``linear`` module is inside this recipe's quant level."""
+        if self.quant_level is None:
+            return True
+        if kind == "conv":
+            return True
+        if any(fnmatchcase(module_name, p) for p in FEED_FORWARD):
+            return self.quant_level >= 2
+        if any(fnmatchcase(module_name, p) for p in QKV):
+            return self.quant_level >= 2.5
+        return self.quant_level >= 3
+
+    def settings_for(self, module_name: str, kind: str = "linear") -> dict | None:
+        """Weight/activation settings for a module (``kind`` ``conv`` or ``linear``), or ``None`` if it stays in float."""
+        if any(fnmatchcase(module_name, p) for p in self.exclude) or not self.in_level(module_name, kind):
             return None
         s = {"weights": self.weights, "weight_group_size": self.weight_group_size, "activations": self.activations}
         for o in self.overrides:
@@ -261,7 +288,8 @@ RECIPES: dict[str, Recipe] = {
         _named("w8a4", activations="int4"),
         _named("w4a8", weights="int4", weight_group_size=64),
         _named("w4a4", weights="int4", weight_group_size=64, activations="int4"),
-        _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
+        _named("fp8", weights="fp8_e4m3", activations="fp8_e4m3", attention=False),
+        _named("fp8-attn", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
         _named("w8a16", activations="none", attention=False),
         _named("w8a8-smoothquant", smoothquant=True),
         _named(
