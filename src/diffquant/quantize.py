@@ -201,6 +201,10 @@ def quantize(
     if isinstance(calibration, CalibrationConfig):
         recipe = recipe.replace(calibration=calibration)  # the saved recipe says what was done
     runner = calibration if callable(calibration) and not isinstance(calibration, CalibrationConfig) else None
+    if recipe.weight_bits_budget is not None:
+        from diffquant.methods.mixed import mixed_precision_recipe
+
+        recipe, _ = mixed_precision_recipe(model, recipe, runner=runner, progress=progress)
     prepare(model, recipe, num_timesteps)
     if recipe.needs_calibration:
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)

@@ -91,7 +91,8 @@ class CalibrationConfig:
 class Override:
     """Per-module settings for modules whose qualified name matches ``pattern`` (fnmatch).
 
-    Fields left ``None`` keep the recipe's value; ``skip=True`` keeps the module in float.
+    Fields left ``None`` keep the recipe's value; ``weight_group_size=0`` means one scale per
+    output channel; ``skip=True`` keeps the module in float.
     """
 
     pattern: str
@@ -104,6 +105,10 @@ class Override:
         for fmt in (self.weights, self.activations):
             if fmt is not None and fmt != "none":
                 get_qtype(fmt)
+        if self.weight_group_size is not None and not 0 <= self.weight_group_size <= 4096:
+            raise ValueError(
+                f"override weight_group_size must be 0 (per channel), 1..4096 or None, got {self.weight_group_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,9 @@ class Recipe:
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
         smoothquant: SmoothQuant on every quantized Linear (x / s, W * s).
         smoothquant_alpha: a fixed migration strength, or ``None`` to search it per layer.
+        weight_bits_budget: mixed precision: average nominal weight bits (e.g. 4.5) over the
+            quantized layers; layers move from ``weights`` to ``int8`` by measured sensitivity.
+            :func:`~diffquant.quantize` resolves it into ``overrides`` before quantizing.
         quant_level: ModelOpt-style scope: 1 convolutions; 2 + feed-forward Linears; 2.5 + Q/K/V
             projections; 3 all Linears; 4 + attention matmuls. ``None``: everything the other
             fields allow.
@@ -167,6 +175,7 @@ class Recipe:
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
     quant_level: float | None = None
+    weight_bits_budget: float | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -197,6 +206,11 @@ class Recipe:
             raise ValueError("step_percentile must be in (0, 1] and step_reduction 'min' or 'mean'")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
+        budget = self.weight_bits_budget
+        if budget is not None and (self.weights == "none" or not get_qtype(self.weights).bits < budget <= 8):
+            raise ValueError(
+                f"weight_bits_budget must lie above the bits of weights ({self.weights}) and at most 8, got {budget}"
+            )
         if self.quant_level is not None and self.quant_level not in QUANT_LEVELS:
             raise ValueError(f"quant_level must be one of {QUANT_LEVELS} or None, got {self.quant_level}")
         if self.lp_norm <= 0:
@@ -238,6 +252,8 @@ class Recipe:
                 if o.skip:
                     return None
                 s.update({k: v for k, v in dataclasses.asdict(o).items() if k in s and v is not None})
+        if s["weight_group_size"] == 0:
+            s["weight_group_size"] = None
         if s["weights"] == "none" and s["activations"] == "none":
             return None
         return s
@@ -292,6 +308,7 @@ RECIPES: dict[str, Recipe] = {
         _named("fp8-attn", weights="fp8_e4m3", activations="fp8_e4m3", softmax="fp8_e4m3"),
         _named("w8a16", activations="none", attention=False),
         _named("w8a8-smoothquant", smoothquant=True),
+        _named("auto", weights="int4", weight_group_size=64, weight_bits_budget=4.5),
         _named(
             "w8a8-percentile",
             observer="step-percentile",
