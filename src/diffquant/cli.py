@@ -153,20 +153,25 @@ def eval_(
     """Evaluate a model: FD against the shipped training-set statistics and class consistency.
 
     With --quantized DIR, the quantized model is evaluated and `psnr_vs_fp` compares its images
-    with the full-precision model's from identical noise.
+    with the full-precision model's from identical noise. Under torchrun the samples are split
+    over the processes (gloo) and rank 0 prints the result of the whole run.
 
     Example: diffquant eval --model fashion-unet --n 1000 --steps 50 --json
     """
     from diffquant.eval import evaluate
+    from diffquant.eval.distributed import init_from_env, rank_and_world
 
     if n < 2:
         _fail(f"--n must be at least 2 for a covariance, got {n}.")
+    init_from_env()
     _threads(threads)
     m, fp, model = _model_or_quantized(model, weights, quantized)
     result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size, reference_model=fp, progress=not as_json)
     if "psnr_vs_ref" in result:
         result["psnr_vs_fp"] = result.pop("psnr_vs_ref")
     result = {"model": model, **({"quantized": str(quantized)} if quantized else {}), **result}
+    if rank_and_world()[0] != 0:
+        return
     if as_json:
         typer.echo(json.dumps(result))
     else:

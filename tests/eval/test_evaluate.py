@@ -61,3 +61,30 @@ def test_per_step_sqnr_sees_a_perturbation_of_known_size():
 
     db = [r["sqnr_db"] for r in per_step_sqnr(ref, Scaled(), n=3, steps=4)]
     assert db == pytest.approx([40.0] * 4, abs=1e-3)
+
+
+def test_distributed_eval_equals_single_process(tmp_path):
+    """2 CPU processes (gloo, torchrun) give the FD of the single-process run with the same seeds."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    args = ["eval", "--model", "fashion-dit", "--n", "24", "--steps", "3", "--json", "--threads", "1"]
+    out = subprocess.run([sys.executable, "-m", "diffquant", *args], capture_output=True, text=True, check=True).stdout
+    single = json.loads(out)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    # "--" ends torchrun's own options (its --nnodes would swallow our --n)
+    cmd = [*torchrun, "--master-port", str(port), "-m", "diffquant", "--", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "Error" in line or "rror:" in line]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    multi = json.loads(lines[0])
+    assert multi["world_size"] == 2 and multi["n"] == single["n"] == 24
+    # shards are sampled in other batch compositions: equal up to GEMM rounding
+    assert multi["fd"] == pytest.approx(single["fd"], rel=1e-4)
+    assert multi["class_consistency"] == single["class_consistency"]

@@ -2,7 +2,7 @@
 
 from diffquant.eval.evaluate import Evaluator, evaluate, extract_features, load_train_stats, per_step_sqnr
 from diffquant.eval.fd import GaussianStats, feature_stats, frechet_distance
-from diffquant.eval.metrics import class_consistency, psnr, sqnr
+from diffquant.eval.metrics import class_consistency, psnr, psnr_per_image, sqnr
 
 __all__ = [
     "Evaluator",
@@ -15,5 +15,6 @@ __all__ = [
     "load_train_stats",
     "per_step_sqnr",
     "psnr",
+    "psnr_per_image",
     "sqnr",
 ]

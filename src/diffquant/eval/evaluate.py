@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffquant.eval.distributed import cat_gathered, gather, rank_and_world, shard
 from diffquant.eval.fd import GaussianStats, feature_stats, frechet_distance
-from diffquant.eval.metrics import class_consistency, psnr, sqnr
+from diffquant.eval.metrics import psnr_per_image, sqnr
 from diffquant.models.builtin import _package_dir, load_builtin, load_state_file
 
 TRAIN_STATS_FILE = "fashion-features-train-stats.safetensors"
@@ -63,13 +64,27 @@ class Evaluator:
         self.reference = reference if reference is not None else load_train_stats()
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        """FD against the reference (and class consistency when labels are given)."""
+        """FD against the reference (and class consistency when labels are given).
+
+        Inside a ``torch.distributed`` process group, ``images`` are this rank's shard and the
+        result covers the union of all shards (features are gathered, not images).
+        """
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf; the model produced non-finite outputs.")
         feats = extract_features(self.feature_net, images)
-        out = {"fd": frechet_distance(feature_stats(feats), self.reference), "n": int(images.shape[0])}
+        hits = None
         if labels is not None:
-            out["class_consistency"] = class_consistency(self.feature_net, images, labels)
+            with torch.no_grad():  # the classifier head on the features already computed
+                head = getattr(self.feature_net, "head", None)
+                logits = (
+                    [head(f) for f in feats.split(500)] if head else [self.feature_net(x) for x in images.split(500)]
+                )
+                preds = torch.cat(logits).argmax(1)
+            hits = int((preds == labels).sum())
+        feats = cat_gathered(feats)
+        out = {"fd": frechet_distance(feature_stats(feats), self.reference), "n": int(feats.shape[0])}
+        if hits is not None:
+            out["class_consistency"] = sum(gather(hits)) / max(1, feats.shape[0])
         return out
 
 
@@ -96,7 +111,8 @@ def evaluate(
         evaluator: reuse an :class:`Evaluator` (feature net + statistics) across calls.
         reference_model: when given, also report ``psnr_vs_ref`` of the images against this
             model's images from identical noise (e.g. the full-precision model).
-        reference_images: the reference model's images, if already sampled (same seed and n).
+        reference_images: the reference model's images, if already sampled (same seed and n;
+            in a process group, this rank's shard).
         progress: show progress bars.
 
     Returns:
@@ -107,15 +123,20 @@ def evaluate(
 
     evaluator = evaluator or Evaluator()
     start = time.perf_counter()
-    kw = dict(n=n, steps=steps, sampler=sampler, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size)
-    images, labels = sample(model, progress=progress, **kw)
+    rank, world = rank_and_world()
+    lo, hi = shard(n, rank, world)  # the whole run outside a process group
+    kw = dict(n=hi - lo, start=lo, steps=steps, sampler=sampler, seed=seed, guidance_scale=guidance_scale)
+    images, labels = sample(model, batch_size=batch_size, progress=progress and rank == 0, **kw)
     result = evaluator.score(images, labels)
     result.update(steps=steps, sampler=sampler, seed=seed, guidance_scale=guidance_scale)
-    result["seconds"] = round(time.perf_counter() - start, 2)
     if reference_model is not None and reference_images is None:
-        reference_images, _ = sample(reference_model, progress=progress, **kw)
+        reference_images, _ = sample(reference_model, batch_size=batch_size, progress=progress and rank == 0, **kw)
     if reference_images is not None:
-        result["psnr_vs_ref"] = psnr(images, reference_images)
+        per_image = psnr_per_image(images, reference_images)
+        result["psnr_vs_ref"] = float(cat_gathered(per_image).mean())
+    result["seconds"] = round(max(gather(time.perf_counter() - start)), 2)
+    if world > 1:
+        result["world_size"] = world
     return result
 
 

@@ -9,17 +9,21 @@ import torch
 PSNR_CAP_DB = 100.0  # identical images would give +inf; capping keeps JSON valid and means stable
 
 
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """``10 log10(range^2 / MSE)`` per image (float64), capped at :data:`PSNR_CAP_DB`."""
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    floor = data_range**2 / 10 ** (PSNR_CAP_DB / 10)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     """Mean over images of ``10 log10(range^2 / MSE)``; images in ``[-1, 1]`` (range 2).
 
     Each image's PSNR is capped at :data:`PSNR_CAP_DB` (reached when MSE is ~0).
     """
-    if a.shape != b.shape:
-        raise ValueError(f"PSNR needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    floor = data_range**2 / 10 ** (PSNR_CAP_DB / 10)
-    per_image = 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
-    return float(per_image.mean())
+    return float(psnr_per_image(a, b, data_range).mean())
 
 
 def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:

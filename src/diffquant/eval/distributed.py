@@ -1,0 +1,55 @@
+"""Data-parallel evaluation with ``torch.distributed`` (launched by ``torchrun``).
+
+Sample ``i`` draws its noise from its own generator ``(seed, i)`` (see :mod:`diffquant.sampling`),
+so rank ``r`` of ``W`` samples the contiguous shard ``[r n / W, (r + 1) n / W)`` and the union is the
+single-process run. Ranks exchange features and per-image statistics, never images, and every rank
+computes the same FD.
+
+    torchrun --nproc-per-node 2 -m diffquant -- eval --model fashion-unet --n 5000 --json
+
+(``--`` ends torchrun's own options, whose ``--nnodes`` would otherwise swallow ``--n``.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(backend: str = "gloo") -> bool:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1). Returns whether distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend)
+        return True
+    return False
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous ``[start, end)`` of ``n`` items that ``rank`` of ``world`` handles."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list outside a process group)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cat_gathered(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over ranks, in rank order."""
+    return torch.cat(gather(t.cpu()))
