@@ -156,3 +156,34 @@ def test_quantize_into_read_only_directory(tmp_path, monkeypatch):
     result = run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(ro / "q"))
     assert_user_error(result, "read-only")
     assert list(ro.iterdir()) == []
+
+
+def test_quantized_directory_for_another_model(tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(out)).exit_code == 0
+    assert_user_error(
+        run("eval", "--model", "fashion-unet", "--quantized", str(out), "--n", "4"), "holds a quantized fashion-dit"
+    )
+
+
+def test_bits_out_of_range_in_a_recipe_file(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"name": "w9", "weights": "int9"}))
+    assert_user_error(
+        run("quantize", "--model", "fashion-dit", "--recipe", str(recipe), "--out", str(tmp_path / "q")), "int9"
+    )
+    assert not (tmp_path / "q").exists()
+
+
+def test_recipe_file_with_unknown_field(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"name": "x", "wieghts": "int8"}))
+    assert_user_error(run("quantize", "--recipe", str(recipe), "--out", str(tmp_path / "q")), "unknown recipe fields")
+
+
+def test_truncated_quantized_directory(tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(out)).exit_code == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    assert_user_error(run("eval", "--quantized", str(out), "--n", "4"), "corrupt")

@@ -57,16 +57,25 @@ def _denoiser(name: str, weights: Path | None = None):
     return _run(load_builtin, name, weights)
 
 
-def _model_or_quantized(name: str, weights: Path | None, quantized: Path | None):
-    """The denoiser to run and its full-precision counterpart (None unless quantized)."""
+def _model_or_quantized(name: str | None, weights: Path | None, quantized: Path | None):
+    """The denoiser to run, its full-precision counterpart (None unless quantized) and its name.
+
+    With ``--quantized`` the model comes from the directory's ``meta.json``; an explicit
+    ``--model`` that disagrees is an error rather than a silent mismatch.
+    """
     if quantized is None:
+        name = name or DEFAULT_MODEL
         return _denoiser(name, weights), None, name
     from diffquant.serialization import load_quantized, read_meta
 
     meta, _ = _run(read_meta, quantized)
-    fp = _denoiser(meta.get("model") or name, weights)
-    q = _run(load_quantized, quantized, _denoiser(meta.get("model") or name, weights))
-    return q, fp, meta.get("model") or name
+    saved = meta.get("model")
+    if name is not None and saved is not None and name != saved:
+        _fail(f"{quantized} holds a quantized {saved}, not {name}; drop --model or pass the matching directory.")
+    name = saved or name or DEFAULT_MODEL
+    fp = _denoiser(name, weights)
+    q = _run(load_quantized, quantized, _denoiser(name, weights))
+    return q, fp, name
 
 
 def _threads(threads: int | None) -> None:
@@ -76,7 +85,16 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+DEFAULT_MODEL = "fashion-unet"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"Built-in denoiser: {', '.join(DENOISERS)}.")]
+ModelOrSavedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Built-in denoiser: {', '.join(DENOISERS)} (default {DEFAULT_MODEL}, or the --quantized one).",
+    ),
+]
 StepsOpt = Annotated[int, typer.Option(help="Sampler steps.")]
 SamplerOpt = Annotated[str, typer.Option(help="ddim (eta 0), ddpm or dpmsolver++.")]
 SeedOpt = Annotated[int, typer.Option(help="Base seed; sample i uses generator (seed, i).")]
@@ -109,7 +127,7 @@ def models():
 
 @app.command()
 def sample(
-    model: ModelOpt = "fashion-unet",
+    model: ModelOrSavedOpt = None,
     n: Annotated[int, typer.Option(help="Number of images.")] = 64,
     steps: StepsOpt = 50,
     sampler: SamplerOpt = "ddim",
@@ -138,7 +156,7 @@ def sample(
 
 @app.command("eval")
 def eval_(
-    model: ModelOpt = "fashion-unet",
+    model: ModelOrSavedOpt = None,
     n: Annotated[int, typer.Option(help="Number of samples (FD needs >= 2; tables use 5000).")] = 1000,
     steps: StepsOpt = 50,
     sampler: SamplerOpt = "ddim",
