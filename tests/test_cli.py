@@ -31,7 +31,9 @@ def test_help_lists_commands():
         assert cmd in result.output
 
 
-@pytest.mark.parametrize("cmd", ["sample", "eval", "train", "demo", "models", "quantize", "recipes", "export-weights"])
+@pytest.mark.parametrize(
+    "cmd", ["sample", "eval", "train", "demo", "models", "quantize", "recipes", "export-weights", "report"]
+)
 def test_every_command_has_help_with_example(cmd):
     result = run(cmd, "--help")
     assert result.exit_code == 0 and "Example: diffquant" in result.output
@@ -187,3 +189,19 @@ def test_truncated_quantized_directory(tmp_path):
     f = out / "model.safetensors"
     f.write_bytes(f.read_bytes()[:200])
     assert_user_error(run("eval", "--quantized", str(out), "--n", "4"), "corrupt")
+
+
+def test_report_writes_page_and_figures(tmp_path):
+    q = tmp_path / "q"
+    assert run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(q)).exit_code == 0
+    result = run("report", "--quantized", str(q), "--out", str(tmp_path / "r"), "--n", "10", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"report.html", "fp.png", "quantized.png", "step_sqnr.png", "ranges.png", "results.json"} <= files
+    html = (tmp_path / "r" / "report.html").read_text()
+    for src in ("fp.png", "quantized.png", "step_sqnr.png", "ranges.png"):
+        assert f'src="{src}"' in html
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    assert (
+        rows[1]["psnr_vs_fp"] > 10 and len(json.loads((tmp_path / "r" / "results.json").read_text())["step_sqnr"]) == 3
+    )

@@ -293,6 +293,28 @@ def train(
         typer.echo(f"exported {', '.join(str(d) for d in dest)}")
 
 
+@app.command()
+def report(
+    quantized: Annotated[Path, typer.Option(help="A quantized model directory (from `diffquant quantize`).")],
+    out: Annotated[Path, typer.Option(help="Output folder for report.html and its PNGs.")] = Path("diffquant-report"),
+    n: Annotated[int, typer.Option(help="Samples per model (>= 10).")] = 200,
+    steps: StepsOpt = 50,
+    threads: ThreadsOpt = None,
+):
+    """Write an HTML report: FP vs quantized grids from identical noise, metrics, per-step error, ranges.
+
+    Example: diffquant report --quantized unet-w8a8 --out report --n 200
+    """
+    from diffquant.report.quant_report import write_quant_report
+    from diffquant.serialization import read_meta
+
+    _threads(threads)
+    q, fp, name = _model_or_quantized(None, None, quantized)
+    _, recipe = _run(read_meta, quantized)
+    page = _run(write_quant_report, q, fp, out, name, recipe.name, n, steps)
+    typer.echo(f"report: {page}")
+
+
 @app.command("export-weights")
 def export_weights_cmd(
     kind: Annotated[str, typer.Argument(help="unet, dit or features.")],
