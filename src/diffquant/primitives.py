@@ -60,8 +60,12 @@ def scale_from_range(
 
 
 def quantize_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(x / s) + z, qmin, qmax)`` as a float tensor holding integers."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    """``clamp(round(x / s) + z, qmin, qmax)`` as a float tensor holding integers.
+
+    ``x / s`` is computed as ``x * (1 / s)``, as PyTorch's fused fake-quant kernels do, so every
+    path (these functions, the fused kernel, the STE path) rounds identically.
+    """
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
 
 
 def dequantize_int(q: torch.Tensor, scale, zero_point=0.0) -> torch.Tensor:
@@ -70,8 +74,20 @@ def dequantize_int(q: torch.Tensor, scale, zero_point=0.0) -> torch.Tensor:
 
 
 def fake_quant_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize on an integer grid, differentiable (STE for x, LSQ for scale)."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    """Quantize-dequantize on an integer grid, differentiable (STE for x, LSQ for scale).
+
+    Without gradients and with one float32 scale, this is PyTorch's fused
+    ``fake_quantize_per_tensor_affine`` kernel (one pass; bit-identical to the formula).
+    """
+    if (
+        isinstance(scale, torch.Tensor)
+        and scale.numel() == 1
+        and x.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
+    ):
+        zp = torch.as_tensor(zero_point, device=x.device).reshape(()).to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp, qmin, qmax)
+    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 
@@ -186,7 +202,7 @@ def _weight_codes(grouped: torch.Tensor, scale: torch.Tensor, qtype: QType, ste:
         y = torch.clamp(grouped / s, -qtype.max_value, qtype.max_value)
         return y + (y.to(torch.float8_e4m3fn).to(y.dtype) - y).detach()
     rnd = round_ste if ste else torch.round
-    return torch.clamp(rnd(grouped / s), qtype.qmin, qtype.qmax)
+    return torch.clamp(rnd(grouped * (1.0 / s)), qtype.qmin, qtype.qmax)
 
 
 def fake_quant_weight(
