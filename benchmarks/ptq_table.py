@@ -74,10 +74,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=1000, help="evaluation samples")
     parser.add_argument("--n-calib", type=int, default=128, help="calibration trajectories")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="evaluation sampler steps")
+    parser.add_argument(
+        "--sampler", default="ddim", help="evaluation sampler; calibration keeps the recipe's (DDIM-50)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/ptq_table_n{N})")
     args = parser.parse_args()
-    out = args.out or RESULTS / f"ptq_table_n{args.n}"
+    suffix = "" if (args.sampler, args.steps) == ("ddim", 50) else f"_{args.sampler}{args.steps}"
+    out = args.out or RESULTS / f"ptq_table_n{args.n}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
     record = json.loads(path.read_text()) if path.is_file() else {"rows": []}
@@ -88,11 +92,12 @@ def main() -> None:
         threads=torch.get_num_threads(),
         n=args.n,
         steps=args.steps,
+        sampler=args.sampler,
         fd_floor=load_reference()["fd_test_vs_train"].get(str(args.n)),
     )
     done = {(r["model"], r["bits"], r["method"]) for r in record["rows"]}
     evaluator = Evaluator()
-    kw = dict(n=args.n, steps=args.steps, sampler="ddim", seed=0, progress=False)
+    kw = dict(n=args.n, steps=args.steps, sampler=args.sampler, seed=0, progress=False)
 
     def save():
         record["date"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -107,7 +112,7 @@ def main() -> None:
         fp_seconds = time.perf_counter() - start
         if (name, "FP32", "-") not in done:
             row = {"model": name, "bits": "FP32", "method": "-", **evaluator.score(fp_images, labels)}
-            row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1))
+            row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1), ms_per_image=round(1000 * fp_seconds / args.n, 2))
             record["rows"].append(row)
             save()
         for bits in args.bits:
@@ -118,11 +123,14 @@ def main() -> None:
                 start = time.perf_counter()
                 model = quantize(load_builtin(name), recipe, progress=False)
                 calib_seconds = time.perf_counter() - start
+                sample_start = time.perf_counter()
                 images, _ = sample(model, **kw)
+                sample_seconds = time.perf_counter() - sample_start
                 row = {"model": name, "bits": bits, "method": method, **evaluator.score(images, labels)}
                 row.update(
                     psnr_vs_fp=psnr(images, fp_images),
                     calib_seconds=round(calib_seconds, 1),
+                    ms_per_image=round(1000 * sample_seconds / args.n, 2),
                     seconds=round(time.perf_counter() - start, 1),
                     recipe=recipe.to_dict(),
                 )
@@ -134,21 +142,22 @@ def main() -> None:
 def write_markdown(record: dict, path: Path) -> None:
     floor = "n/a (not tabulated for this N)" if record["fd_floor"] is None else f"{record['fd_floor']:.4f}"
     lines = [
-        f"# PTQ methods x bit settings (N = {record['n']}, DDIM-{record['steps']})",
+        f"# PTQ methods x bit settings (N = {record['n']}, {record.get('sampler', 'ddim')}-{record['steps']})",
         "",
         f"Command: `{record['command']}` — {record.get('date', '')}, torch {record['torch']}, "
         f"{record['threads']} threads, {record['machine']}.",
         "",
         f"FD in `fashion-features` space against the training set; FD of {record['n']} real test images "
         f"(the floor): {floor}. PSNR: against the FP32 images of the same run from identical noise. "
-        "FD gap: (FD - FD_FP) / FD_FP.",
+        "FD gap: (FD - FD_FP) / FD_FP. Calibration always on DDIM-50 trajectories. ms/image: sampling time of "
+        "the float reference (fake-quant) path on this CPU, not of integer kernels.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in record["rows"]):
         rows = [r for r in record["rows"] if r["model"] == model]
         fp = next((r for r in rows if r["bits"] == "FP32"), None)
-        lines += [f"## {model}", "", "| bits | method | FD | FD gap | class consistency | PSNR vs FP (dB) |"]
-        lines += ["|---|---|---:|---:|---:|---:|"]
+        lines += [f"## {model}", "", "| bits | method | FD | FD gap | class consistency | PSNR vs FP (dB) | ms/image |"]
+        lines += ["|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             gap = "" if fp is None or r is fp else f"{100 * (r['fd'] - fp['fd']) / fp['fd']:+.1f} %"
             p = "" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"

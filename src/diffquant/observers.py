@@ -139,6 +139,11 @@ class Observer:
     def _range(self, hist: StepHistogram, qtype: QType, symmetric: bool) -> tuple[float, float]:
         raise NotImplementedError
 
+    def ranges_per_step(self, qtype: QType, symmetric: bool, timesteps: Iterable[int] | None = None):
+        """``[(lo, hi)]`` of every observed step (or of ``timesteps``), each from that step's data alone."""
+        keys = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_step]
+        return [self.range(qtype, symmetric, [t]) for t in keys]
+
 
 class MinMaxObserver(Observer):
     """The exact minimum and maximum."""
@@ -233,30 +238,66 @@ class MseObserver(Observer):
         err = torch.where(in_range & (width > s / 4), uniform, exact)
         return (counts * err).sum(-1)
 
-    def _range(self, hist, qtype, symmetric):
-        # search on at most 512 bins (merging neighbours exactly); finer bins change little
-        factor = max(1, hist.bins // 512)
+    @staticmethod
+    def _coarse(hist: StepHistogram, bins: int = 256) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Bin centres and counts on at most ``bins`` bins (neighbours merged exactly), and the bin width."""
+        factor = max(1, hist.bins // bins)
         counts = hist.counts.view(-1, factor).sum(1)
         width = 2 * hist.radius / counts.numel()
         c = -hist.radius + width * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
-        keep = counts > 0
-        c, counts = c[keep], counts[keep]
+        return c, counts, width
+
+    def _search(self, c, counts, width, lo0, hi0, qtype: QType, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best ``(lo, hi)`` for ``S`` histograms at once: ``c, counts (S, K)``, ``width, lo0, hi0 (S,)``."""
+        c, counts, width = c[:, None, :], counts[:, None, :], width[:, None, None]
         if symmetric or qtype.kind == "float":
-            amax = max(abs(hist.min), abs(hist.max))
-            hi = (torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64) * amax)[:, None]
-            best = int(torch.argmin(self._error(c, counts, -hi, hi, qtype, True, width)))
-            return -float(hi[best]), float(hi[best])
-        # asymmetric: a 2-D search over both ends, coarse (20 x 20) then refined around the best
-        lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
-        f_lo = f_hi = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
-        for _ in range(2):
-            lo = (f_lo * lo0)[:, None, None].expand(-1, f_hi.numel(), 1)
-            hi = (f_hi * hi0)[None, :, None].expand(f_lo.numel(), -1, 1)
-            i, j = divmod(int(torch.argmin(self._error(c, counts, lo, hi, qtype, False, width))), f_hi.numel())
-            best_lo, best_hi = float(f_lo[i]), float(f_hi[j])
-            f_lo = torch.linspace(max(best_lo - 0.05, 0.01), min(best_lo + 0.05, 1.0), 11, dtype=torch.float64)
-            f_hi = torch.linspace(max(best_hi - 0.05, 0.01), min(best_hi + 0.05, 1.0), 11, dtype=torch.float64)
-        return best_lo * lo0, best_hi * hi0
+            amax = torch.maximum(lo0.abs(), hi0.abs())
+            hi = torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64)[None, :] * amax[:, None]
+            best = self._error(c, counts, -hi[..., None], hi[..., None], qtype, True, width).argmin(1)
+            h = hi.gather(1, best[:, None])[:, 0]
+            return -h, h
+        # asymmetric: a 2-D search over both ends, coarse (12 x 12), then refined twice around the best
+        lo0, hi0 = lo0.clamp(max=0), hi0.clamp(min=0)
+        f_lo = f_hi = torch.linspace(0.05, 1.0, 12, dtype=torch.float64).expand(c.shape[0], -1)
+        for half, n in ((0.06, 7), (0.01, 5), (None, None)):
+            g_lo, g_hi = f_lo.shape[1], f_hi.shape[1]
+            lo = (f_lo[:, :, None] * lo0[:, None, None]).expand(-1, -1, g_hi).reshape(c.shape[0], -1, 1)
+            hi = (f_hi[:, None, :] * hi0[:, None, None]).expand(-1, g_lo, -1).reshape(c.shape[0], -1, 1)
+            best = self._error(c, counts, lo, hi, qtype, False, width).argmin(1)
+            b_lo = f_lo.gather(1, (best // g_hi)[:, None])
+            b_hi = f_hi.gather(1, (best % g_hi)[:, None])
+            if half is None:
+                break
+            step = torch.linspace(-half, half, n, dtype=torch.float64)[None, :]
+            f_lo, f_hi = (b_lo + step).clamp(0.01, 1.0), (b_hi + step).clamp(0.01, 1.0)
+        return b_lo[:, 0] * lo0, b_hi[:, 0] * hi0
+
+    def _range(self, hist, qtype, symmetric):
+        c, counts, width = self._coarse(hist)
+        lo0, hi0 = (
+            torch.tensor([min(hist.min, 0.0)], dtype=torch.float64),
+            torch.tensor([max(hist.max, 0.0)], dtype=torch.float64),
+        )
+        if symmetric or qtype.kind == "float":
+            lo0, hi0 = torch.tensor([hist.min], dtype=torch.float64), torch.tensor([hist.max], dtype=torch.float64)
+        lo, hi = self._search(c[None], counts[None], torch.tensor([width]), lo0, hi0, qtype, symmetric)
+        return float(lo[0]), float(hi[0])
+
+    def ranges_per_step(self, qtype, symmetric, timesteps=None, chunk: int = 8):
+        """The range of every step separately, searched in batches of ``chunk`` steps."""
+        keys = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_step]
+        out = []
+        for i in range(0, len(keys), chunk):
+            hists = [self.per_step[t] for t in keys[i : i + chunk]]
+            coarse = [self._coarse(h) for h in hists]
+            c = torch.stack([x[0] for x in coarse])
+            counts = torch.stack([x[1] for x in coarse])
+            width = torch.tensor([x[2] for x in coarse], dtype=torch.float64)
+            lo0 = torch.tensor([h.min for h in hists], dtype=torch.float64)
+            hi0 = torch.tensor([h.max for h in hists], dtype=torch.float64)
+            lo, hi = self._search(c, counts, width, lo0, hi0, qtype, symmetric)
+            out += list(zip(lo.tolist(), hi.tolist(), strict=True))
+        return out
 
 
 class StepAmaxObserver(Observer):

@@ -142,8 +142,7 @@ class ActQuantizer(nn.Module):
             raise CalibrationError(f"{self.name}: no calibration data reached this layer")
         ts = obs.timesteps
         ext = []
-        for t in ts:
-            lo, hi = obs.range(self.qtype, self.symmetric, [t])
+        for lo, hi in obs.ranges_per_step(self.qtype, self.symmetric, ts):
             amax = max(-lo, hi, 1e-8)
             ext.append([-lo, hi] if not self.symmetric else [amax, amax])
         ext = torch.tensor(ext, dtype=torch.float32)
