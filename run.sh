@@ -34,8 +34,8 @@ case "$cmd" in
   demo) setup; exec "$VENV/bin/diffquant" demo "$@" ;;
   test)
     setup
-    "$VENV/bin/ruff" check src tests
-    "$VENV/bin/ruff" format --check src tests
+    "$VENV/bin/ruff" check src tests benchmarks
+    "$VENV/bin/ruff" format --check src tests benchmarks
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *) echo "usage: ./run.sh demo|test|setup [ARGS]" >&2; exit 2 ;;
