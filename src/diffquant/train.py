@@ -229,7 +229,8 @@ def _exported_step(path: str | Path) -> int:
 def checkpoint_progress(ckpt_path: str | Path, steps: int | None = None) -> tuple[int, int]:
     """``(steps done, total steps)`` of a checkpoint (total from ``steps`` or the config)."""
     ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-    return ck["step"], steps or ck["total"]
+    # checkpoints written before "total" was recorded fall back to the config's step count
+    return ck["step"], steps or ck.get("total") or ck["config"]["train"].get("steps", ck["step"])
 
 
 FLOOR_SIZES = (100, 500, 1000, 2000, 5000, 10000)
