@@ -121,9 +121,17 @@ def _builtin_runner(model: nn.Module, config: CalibrationConfig, observe: Callab
     return timesteps
 
 
-def _observe(model, x, t, y, rows):
-    """The FP model call of one sampler step, observing the selected rows."""
+def _make_observe(model: nn.Module) -> Callable:
+    """``observe(model, x, t, cond, rows)``: the FP model call of one step, observing the selected rows."""
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+    def observe(model, x, t, y, rows):
+        return _observe(quants, model, x, t, y, rows)
+
+    return observe
+
+
+def _observe(quants, model, x, t, y, rows):
     if len(rows) == x.shape[0]:
         with observing(quants):
             return model(x, t, y)
@@ -141,15 +149,13 @@ def smooth(model: nn.Module, recipe: Recipe, config: CalibrationConfig, runner=N
     from diffquant.methods.smoothquant import SmoothStats, search_alpha, smoothing_factors
     from diffquant.nn.modules import QuantModule
 
-    layers = {
-        n: m for n, m in model.named_modules() if isinstance(m, QuantModule) and getattr(m, "smooth", None) is not None
-    }
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule) and m.smooth is not None}
     for m in layers.values():
         m.smooth.fill_(1.0)
         m.smooth_stats = SmoothStats()
     try:
         with full_precision(model):
-            (runner or _builtin_runner)(model, config, _observe, progress)
+            (runner or _builtin_runner)(model, config, _make_observe(model), progress)
         alphas = {}
         for name, m in layers.items():
             stats = m.smooth_stats
@@ -218,7 +224,7 @@ def calibrate(
         q.observer = make_observer(recipe.observer, **obs_kwargs)
     try:
         with full_precision(model):
-            timesteps = (runner or _builtin_runner)(model, config, _observe, progress)
+            timesteps = (runner or _builtin_runner)(model, config, _make_observe(model), progress)
         groups = step_buckets(timesteps, recipe.buckets) if recipe.act_mode == "bucketed" else None
         for q in quants:
             if q.mode != "tdq":

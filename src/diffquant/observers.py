@@ -137,7 +137,9 @@ class Observer:
         return self._range(self.histogram(timesteps), qtype, symmetric)
 
     def _range(self, hist: StepHistogram, qtype: QType, symmetric: bool) -> tuple[float, float]:
-        raise NotImplementedError
+        """The clipping range for one (merged) histogram: the hook histogram-based subclasses fill in
+        (an observer that needs the steps apart, like :class:`StepAmaxObserver`, overrides ``range``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _range or range")
 
     def ranges_per_step(self, qtype: QType, symmetric: bool, timesteps: Iterable[int] | None = None):
         """``[(lo, hi)]`` of every observed step (or of ``timesteps``), each from that step's data alone."""

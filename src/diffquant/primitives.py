@@ -76,17 +76,9 @@ def dequantize_int(q: torch.Tensor, scale, zero_point=0.0) -> torch.Tensor:
 def fake_quant_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize-dequantize on an integer grid, differentiable (STE for x, LSQ for scale).
 
-    Without gradients and with one float32 scale, this is PyTorch's fused
-    ``fake_quantize_per_tensor_affine`` kernel (one pass; bit-identical to the formula).
+    Bit-identical to PyTorch's ``fake_quantize_per_tensor_affine``, which is not used: on the
+    reference CPU it was slower than these element-wise ops (``benchmarks/fake_quant_kernel.md``).
     """
-    if (
-        isinstance(scale, torch.Tensor)
-        and scale.numel() == 1
-        and x.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
-    ):
-        zp = torch.as_tensor(zero_point, device=x.device).reshape(()).to(torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp, qmin, qmax)
     q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 

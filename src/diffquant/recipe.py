@@ -21,7 +21,7 @@ from fnmatch import fnmatchcase
 
 from diffquant.observers import OBSERVERS
 from diffquant.qtypes import get_qtype
-from diffquant.sampling import SAMPLERS
+from diffquant.sampling import SamplerConfig
 
 RECIPE_VERSION = 1
 SELECTIONS = ("single", "uniform", "ndtc", "all")
@@ -77,10 +77,9 @@ class CalibrationConfig:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"calibration selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"calibration sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.n_samples < 1 or self.steps < 1 or self.every < 1 or self.batch_size < 1:
-            raise ValueError("calibration n_samples, steps, every and batch_size must be >= 1")
+        SamplerConfig(sampler=self.sampler, steps=self.steps, seed=self.seed)  # validates sampler and steps
+        if self.n_samples < 1 or self.every < 1 or self.batch_size < 1:
+            raise ValueError("calibration n_samples, every and batch_size must be >= 1")
         if not -self.steps <= self.single_index < self.steps:
             raise ValueError(f"single_index {self.single_index} is outside a {self.steps}-step schedule")
         if self.ndtc_std <= 0:

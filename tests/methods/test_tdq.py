@@ -47,7 +47,7 @@ def test_step_k_uses_table_entry_of_its_timestep():
     q = ActQuantizer(int8, "tdq", num_timesteps=1000)
     q.scale.copy_(torch.linspace(0.001, 1.0, 1000))
     q.zero_point.zero_()
-    q.calibrated.fill_(True)
+    q.mark_calibrated()
     x = torch.tensor([10.0])  # on the grid of scale[t], clipped at 255 * scale[t]
     for t in (0, 321, 999):
         s = q.scale[t].item()

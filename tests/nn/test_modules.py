@@ -17,7 +17,7 @@ def _static(x, qtype=int8, channel_dim=-1, symmetric=False):
     q = ActQuantizer(qtype, "static", symmetric=symmetric, channel_dim=channel_dim)
     scale, zp = P.scale_from_range(x.min(), x.max(), qtype, symmetric)
     q.scale[0], q.zero_point[0] = scale, zp
-    q.calibrated.fill_(True)
+    q.mark_calibrated()
     return q
 
 
@@ -103,7 +103,7 @@ def test_bucketed_lookup_uses_the_current_step():
     q = ActQuantizer(int8, "bucketed", buckets=2, num_timesteps=1000)
     q.scale.copy_(torch.tensor([0.1, 0.001]))
     q.bucket_of_t.copy_(nearest_bucket_table([[999, 800], [200, 0]], 1000))
-    q.calibrated.fill_(True)
+    q.mark_calibrated()
     x = torch.tensor([0.07])
     with denoising_step(0, 999, 2):
         noisy = q(x).item()

@@ -53,16 +53,18 @@ class QuantModule(nn.Module):
         self._w_cache: torch.Tensor | None = None
         self.frozen = False
         self.smooth_stats = None  # a SmoothStats collector while SmoothQuant calibrates
+        if "smooth" not in self._buffers:
+            self.register_buffer("smooth", None)  # SmoothQuant factors once enabled (None: not saved)
 
     def enable_smoothing(self) -> None:
         """Give the layer a SmoothQuant factor per input channel (``x / s``, ``W * s``), initially 1."""
-        if getattr(self, "smooth", None) is None:
-            self.register_buffer("smooth", torch.ones(self.weight.shape[1], device=self.weight.device))
+        if self.smooth is None:
+            self.smooth = torch.ones(self.weight.shape[1], device=self.weight.device)
 
     def quantize_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if self.smooth_stats is not None and self.input_quantizer is not None and self.input_quantizer.observing:
             self.smooth_stats.update(x)
-        if getattr(self, "smooth", None) is not None:
+        if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
         if self.input_quantizer is None:
             return x
@@ -78,7 +80,7 @@ class QuantModule(nn.Module):
                 self._w_cache = self._stored().dequantize()
             return self._w_cache
         w = self.weight
-        if getattr(self, "smooth", None) is not None:
+        if self.smooth is not None:
             w = w * self.smooth.to(w.dtype)
         if self.weight_qtype is None or not self.weight_quant_enabled:
             return w
@@ -96,7 +98,7 @@ class QuantModule(nn.Module):
         """Replace the float weight by its integer storage (``qweight``, ``weight_scale``)."""
         if self.frozen or self.weight_qtype is None:
             return
-        w = self.weight if getattr(self, "smooth", None) is None else self.weight * self.smooth
+        w = self.weight if self.smooth is None else self.weight * self.smooth
         qw = P.quantize_weight(w, self.weight_qtype, self.group_size)
         del self.weight
         self.register_buffer("qweight", qw.qdata)

@@ -81,6 +81,7 @@ class ActQuantizer(nn.Module):
             self.generator = TDQGenerator(num_timesteps, **(tdq or {}))
             self.bucket_of_t.copy_(torch.arange(num_timesteps))
         self.register_buffer("calibrated", torch.tensor(mode == "dynamic"))
+        self._ready = mode == "dynamic"  # mirrors ``calibrated`` so the forward never reads a tensor
         self.observer: Observer | None = None
         self.observing = False
         self.enabled = True
@@ -120,10 +121,19 @@ class ActQuantizer(nn.Module):
             lo, hi = self.generator.ranges(t)
             scale, zp = self._differentiable_scale(lo[0], hi[0])
             return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
-        if not bool(self.calibrated):
+        if not self._ready:
             raise RuntimeError(f"{self.name}: activation scales are not calibrated; pass calibration to quantize().")
         scale, zp = self.scale_for(self._timestep() if self.scale.numel() > 1 else 0)
         return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
+
+    def mark_calibrated(self) -> None:
+        """Record that the scale buffers hold calibrated values."""
+        self.calibrated.fill_(True)
+        self._ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.calibrated)
 
     def _differentiable_scale(self, lo, hi):
         """Scale and zero point from a range, keeping the gradient w.r.t. the range (LSQ)."""
@@ -156,7 +166,7 @@ class ActQuantizer(nn.Module):
         scale, zp = P.scale_from_range(lo, hi, self.qtype, self.symmetric)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
-        self.calibrated.fill_(True)
+        self.mark_calibrated()
         self.observer = None
 
     @torch.no_grad()
@@ -190,7 +200,7 @@ class ActQuantizer(nn.Module):
             self.scale[b], self.zero_point[b] = scale, zp
         if self.mode == "bucketed":
             self.bucket_of_t.copy_(nearest_bucket_table(groups, self.bucket_of_t.numel()))
-        self.calibrated.fill_(True)
+        self.mark_calibrated()
         self.observer = None
 
 
