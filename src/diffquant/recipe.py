@@ -299,6 +299,7 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         _named("w8a8"),
         _named("w8a8-dynamic", act_mode="dynamic", act_granularity="token"),
+        _named("w8a7", activations="int7"),
         _named("w8a6", activations="int6"),
         _named("w8a4", activations="int4"),
         _named("w4a8", weights="int4", weight_group_size=64),
@@ -319,6 +320,7 @@ RECIPES: dict[str, Recipe] = {
             _named(f"{base}-tdq", act_mode="tdq", calibration=CalibrationConfig(selection="all"), **kw)
             for base, kw in (
                 ("w8a8", {}),
+                ("w8a7", {"activations": "int7"}),
                 ("w8a6", {"activations": "int6"}),
                 ("w8a4", {"activations": "int4"}),
                 ("w4a8", {"weights": "int4", "weight_group_size": 64}),

@@ -1,0 +1,147 @@
+"""Latency and weight memory of a quantized model against its FP32 original, measured side by side.
+
+Every number comes from one process: the FP32 model (eager, and compiled when asked), the fake-quant
+reference and the backend run the same inputs in turn, each after warm-up, timed as the median of
+``repeats`` calls. Ratios are what to compare; absolute times depend on the machine and its load.
+
+Example:
+    >>> from diffquant.bench import bench_forward
+    >>> bench_forward("fashion-unet", "w8a7", backend="cpu", batch=64)   # doctest: +SKIP
+    {'backend': 'cpu', 'fp_ms': ..., 'q_ms': ..., 'speedup': ..., ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diffquant.recipe import CalibrationConfig
+
+# A small calibration: enough for representative scales, fast enough for a benchmark run.
+BENCH_CALIBRATION = CalibrationConfig(n_samples=32, steps=20, every=2, batch_size=32)
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def compile_forward(model: nn.Module) -> nn.Module:
+    """Compile ``model.forward`` with Inductor (weights frozen as constants); hooks stay eager.
+
+    The time-step hook :func:`diffquant.quantize` installs runs before the compiled forward, so
+    per-step scales are looked up outside the graph and one graph serves every step.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """``10 log10(|ref|^2 / |ref - out|^2)`` (inf when identical)."""
+    noise = (ref.double() - out.double()).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.double().pow(2).sum() / noise))
+
+
+def example_inputs(model: nn.Module, batch: int, timestep: int = 500, seed: int = 0):
+    """``(x, t, labels)`` for one denoiser call of a built-in model."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *model.sample_shape, generator=g)
+    t = torch.full((batch,), timestep, dtype=torch.long)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=g)
+    return x, t, labels
+
+
+@torch.no_grad()
+def bench_forward(
+    model: str,
+    recipe: str = "w8a7",
+    backend: str = "cpu",
+    batch: int = 64,
+    repeats: int = 5,
+    compile: bool = True,
+    quantized: nn.Module | None = None,
+    progress: bool = False,
+) -> dict:
+    """One denoiser forward: FP32 eager (and compiled) vs the quantized model on ``backend``.
+
+    Args:
+        model: a built-in denoiser name.
+        recipe: the recipe to quantize with (ignored when ``quantized`` is given).
+        backend: ``reference`` (fake quant) or ``cpu`` (oneDNN int8).
+        batch: images per call.
+        repeats: timed calls per variant (median reported).
+        compile: also time ``torch.compile`` for FP32 and the backend (the quantized model's
+            ``q_ms`` is then the compiled one; eager times are reported beside it).
+        quantized: an already quantized model (e.g. from ``load_quantized``); default quantizes
+            ``model`` with ``recipe`` on a small calibration.
+
+    Returns:
+        A dict with ``backend``, ``fp_ms``, ``q_ms``, ``speedup`` (= fp_ms / q_ms), the eager and
+        compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the lowering report
+        and ``sqnr_vs_reference_db`` (backend output against the fake-quant reference).
+    """
+    from diffquant import quantize
+    from diffquant.backends import lower
+    from diffquant.models import load_builtin
+    from diffquant.serialization import weight_bytes
+
+    fp = load_builtin(model).eval()
+    if quantized is None:
+        quantized = quantize(copy.deepcopy(fp), recipe, BENCH_CALIBRATION, progress=progress)
+        recipe_name = recipe
+    else:
+        recipe_name = quantized.diffquant_recipe.name
+    quantized.eval()
+    x, t, y = example_inputs(fp, batch)
+    result = {
+        "model": model,
+        "recipe": recipe_name,
+        "backend": backend,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "fp_weight_bytes": weight_bytes(fp),
+        "q_weight_bytes": weight_bytes(quantized),
+    }
+    result["q_weight_ratio"] = round(result["q_weight_bytes"] / result["fp_weight_bytes"], 4)
+    reference_out = quantized(x, t, y)
+    result["fp_eager_ms"] = time_ms(lambda: fp(x, t, y), repeats)
+    result["reference_eager_ms"] = time_ms(lambda: quantized(x, t, y), repeats)
+    runner, report = lower(copy.deepcopy(quantized), backend)
+    if report is not None:
+        result["lowered_layers"] = len(report.lowered)
+        result["reference_layers"] = len(report.kept)
+        result["lowering"] = report.summary()
+    result["sqnr_vs_reference_db"] = round(sqnr_db(reference_out, runner(x, t, y)), 2)
+    result["q_eager_ms"] = time_ms(lambda: runner(x, t, y), repeats)
+    if compile:
+        fp_c = compile_forward(copy.deepcopy(fp))
+        result["fp_compiled_ms"] = time_ms(lambda: fp_c(x, t, y), repeats)
+        q_c = compile_forward(runner)
+        result["q_compiled_ms"] = time_ms(lambda: q_c(x, t, y), repeats)
+    result["fp_ms"] = result["fp_eager_ms"]
+    result["q_ms"] = result["q_compiled_ms"] if compile else result["q_eager_ms"]
+    result["speedup"] = round(result["fp_ms"] / result["q_ms"], 3)
+    if compile:
+        result["speedup_vs_fp_compiled"] = round(result["fp_compiled_ms"] / result["q_ms"], 3)
+    for k, v in list(result.items()):
+        if k.endswith("_ms"):
+            result[k] = round(v, 2)
+    return result

@@ -1,0 +1,160 @@
+"""The oneDNN int8 backend against the fake-quant reference it must reproduce."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from diffquant import CalibrationConfig, get_recipe, quantize
+from diffquant.backends import cpu as B
+from diffquant.backends import lower
+from diffquant.eval.metrics import sqnr
+from diffquant.models import load_builtin
+from diffquant.nn import QuantLinear, QuantModule
+from diffquant.sampling import sample
+from diffquant.timestep import denoising_step
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not B.available(), reason="this PyTorch build has no oneDNN int8 operators")
+
+CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
+RECIPES = {
+    "w8a7": get_recipe("w8a7"),
+    "w8a7-tdq": get_recipe("w8a7-tdq").replace(calibration=dataclasses.asdict(CAL) | {"selection": "all"}),
+    "bucketed-a6": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
+    "dynamic-tensor": get_recipe("w8a7").replace(act_mode="dynamic", name="w8a7-dyn"),
+    "w4a8-per-channel": get_recipe("w4a8").replace(weight_group_size=None, name="w4a8-pc"),
+    "symmetric-a7": get_recipe("w8a7").replace(act_symmetric=True, name="w8a7-sym"),
+}
+
+
+def _inputs(model, t=500, n=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *model.sample_shape, generator=g), torch.full((n,), t), torch.tensor([3, 10, 1][:n])
+
+
+def _quantized(kind, recipe):
+    cal = None if recipe.calibration.selection == "all" else CAL
+    return quantize(tiny_model(kind), recipe, cal, progress=False)
+
+
+def _layer_inputs(model, x, t, y) -> dict[str, torch.Tensor]:
+    """The input of every quantized layer in one reference forward."""
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone()))
+        for name, m in model.named_modules()
+        if isinstance(m, QuantModule)
+    ]
+    with torch.no_grad():
+        model(x, t, y)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_lowered_model_matches_the_reference(kind, name):
+    q = _quantized(kind, RECIPES[name])
+    lowered, report = lower(copy.deepcopy(q), "cpu")
+    assert report.lowered and not report.kept, report.summary()
+    for t in (999, 400, 10):
+        x, tt, y = _inputs(q, t)
+        # layer by layer on the same inputs: the same integers, so equal up to float rounding, except
+        # where x / s lands on a rounding tie and the two quantizers round it apart (one code, one step)
+        layer_sqnr = {}
+        for layer, inp in _layer_inputs(q, x, tt, y).items():
+            with torch.no_grad(), denoising_step(0, t, 1):
+                layer_sqnr[layer] = sqnr(q.get_submodule(layer)(inp), lowered.get_submodule(layer)(inp))
+        assert min(layer_sqnr.values()) > 45, layer_sqnr  # saturation or a wrong scale: < 40 dB
+        assert sum(v > 90 for v in layer_sqnr.values()) >= 0.8 * len(layer_sqnr), layer_sqnr
+        # the whole model: float rounding differences flip a code at a rounding tie now and then, and
+        # a flipped code propagates (tens of dB below the layers, well above quantization noise)
+        with torch.no_grad():
+            assert sqnr(q(x, tt, y), lowered(x, tt, y)) > 25, (name, t)
+
+
+def test_step_k_uses_table_entry_k():
+    q = _quantized("dit", RECIPES["bucketed-a6"])
+    lowered, _ = lower(copy.deepcopy(q), "cpu")
+    layer_name = next(n for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.input_quantizer is not None)
+    ref_layer, low_layer = q.get_submodule(layer_name), lowered.get_submodule(layer_name)
+    iq = ref_layer.input_quantizer
+    iq.scale.copy_(torch.tensor([0.5, 0.05, 0.005]))
+    iq.zero_point.fill_(32)
+    low_layer.kernel.parts[0][0].scales[:] = [0.5, 0.05, 0.005]
+    low_layer.kernel.parts[0][0].zero_points[:] = [32, 32, 32]
+    x = torch.randn(4, ref_layer.in_features)
+    outs = {}
+    for t in range(0, 1000, 97):
+        with torch.no_grad(), denoising_step(0, t, 1):
+            ref, out = ref_layer(x), low_layer(x)
+        assert sqnr(ref, out) > 38
+        outs[int(iq.bucket_of_t[t])] = out
+    assert len(outs) == 3  # three buckets visited, giving three different results
+    assert not torch.allclose(outs[0], outs[2])
+
+
+def test_no_step_is_a_clear_error():
+    q = _quantized("dit", RECIPES["bucketed-a6"])
+    lowered, _ = lower(copy.deepcopy(q), "cpu")
+    layer = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
+    with pytest.raises(RuntimeError, match="no current time step"):
+        layer(torch.randn(2, layer.kernel.parts[0][2].stop))
+
+
+@pytest.mark.parametrize("name", ["fashion-unet", "fashion-dit"])
+def test_sampled_images_match_the_reference(name):
+    # a trained model: a random one amplifies every rounding difference into a different image
+    q = quantize(load_builtin(name), "w8a7", CalibrationConfig(n_samples=8, steps=10, batch_size=8), progress=False)
+    lowered, _ = lower(copy.deepcopy(q), "cpu")
+    a, _ = sample(q, 8, steps=10, seed=3, progress=False)
+    b, _ = sample(lowered, 8, steps=10, seed=3, progress=False)
+    mse = (a - b).pow(2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(4.0 / mse)  # images in [-1, 1]: peak-to-peak 2
+    assert bool((psnr >= 35).all()), psnr
+
+
+def test_saturation_rule():
+    assert not B.saturation_free(8, 127)  # u8 x s8 pairs overflow int16
+    assert B.saturation_free(7, 127)
+    assert B.saturation_free(8, 7)  # int4 weights
+    assert B.saturation_free(8, 63) and not B.saturation_free(8, 65)
+
+
+def test_saturating_layers_stay_on_the_reference_path_when_exact():
+    q = _quantized("dit", get_recipe("w8a8"))
+    lowered, report = lower(copy.deepcopy(q), "cpu", exact=True)
+    assert not report.lowered and report.kept
+    assert all("saturate" in why for why in report.kept.values())
+    x, t, y = _inputs(q)
+    with torch.no_grad():
+        assert torch.equal(q(x, t, y), lowered(x, t, y))
+
+
+def test_unsupported_layers_are_reported_not_broken():
+    q = _quantized("unet", get_recipe("w4a8"))  # int4 in groups of 64: no per-channel kernel
+    lowered, report = lower(copy.deepcopy(q), "cpu")
+    assert any("per-group" in why for why in report.kept.values())
+    assert "reference path" in report.summary()
+    x, t, y = _inputs(q)
+    with torch.no_grad():
+        assert sqnr(q(x, t, y), lowered(x, t, y)) > 25
+
+
+def test_unquantized_model_is_refused():
+    with pytest.raises(B.LoweringError, match="quantize it first"):
+        lower(tiny_model("dit"), "cpu")
+
+
+def test_custom_op_passes_opcheck():
+    q = _quantized("unet", RECIPES["w8a7"])
+    lowered, _ = lower(copy.deepcopy(q), "cpu")
+    split = next(m for m in lowered.modules() if isinstance(m, B.Int8Conv2d) and len(m.kernel.parts) == 2)
+    lin = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
+    c_in = split.kernel.parts[1][2].stop
+    torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, c_in, 7, 7), split.handle))
+    k = lin.kernel.parts[0][2].stop
+    torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, 5, k), lin.handle))
