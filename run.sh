@@ -21,7 +21,7 @@ setup() {
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt
     fi
-    "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    "$VENV/bin/python" -m pip install -q -e ".[dev,onnx]"
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
   fi

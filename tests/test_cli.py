@@ -32,7 +32,8 @@ def test_help_lists_commands():
 
 
 @pytest.mark.parametrize(
-    "cmd", ["sample", "eval", "train", "demo", "models", "quantize", "recipes", "export-weights", "report"]
+    "cmd",
+    ["sample", "eval", "train", "demo", "models", "quantize", "recipes", "export-weights", "report", "bench", "export"],
 )
 def test_every_command_has_help_with_example(cmd):
     result = run(cmd, "--help")
@@ -135,6 +136,46 @@ def test_quantize_then_eval_and_sample_quantized(tmp_path):
     grid = tmp_path / "g.png"
     assert run("sample", "--quantized", str(out), "--n", "2", "--steps", "2", "--out", str(grid)).exit_code == 0
     assert grid.is_file()
+
+
+def test_bench_json_on_a_quantized_directory(tmp_path):
+    out = tmp_path / "q"
+    assert (
+        run("quantize", "--model", "fashion-dit", "--recipe", "w8a7", "--n-calib", "4", "--out", str(out)).exit_code
+        == 0
+    )
+    result = run("bench", "--quantized", str(out), "--batch", "2", "--repeats", "1", "--no-compile", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("backend", "fp_ms", "q_ms", "speedup", "fp_weight_bytes", "q_weight_bytes", "threads"):
+        assert key in data
+    assert data["model"] == "fashion-dit" and data["recipe"] == "w8a7" and data["backend"] == "cpu"
+    assert data["speedup"] == pytest.approx(data["fp_ms"] / data["q_ms"], rel=0.02)
+    assert data["lowered_layers"] > 0  # the conditioning MLPs are weight-only: float matmuls, int8 storage
+    assert (
+        data["reference_layers"] == data["lowering"].count("float activations")
+        or "float activations" in data["lowering"]
+    )
+    assert data["q_weight_bytes"] <= 0.26 * data["fp_weight_bytes"]
+    assert data["sqnr_vs_reference_db"] > 25
+
+
+def test_export_onnx_from_a_quantized_directory(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "q"
+    assert (
+        run("quantize", "--model", "fashion-dit", "--recipe", "w8a7", "--n-calib", "4", "--out", str(out)).exit_code
+        == 0
+    )
+    result = run("export", "--quantized", str(out), "--out", str(tmp_path / "m.onnx"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").is_file() and "integer" in result.output
+    assert_user_error(run("export", "--quantized", str(out), "--form", "fp4"), "form")
+    assert_user_error(run("export", "--quantized", str(tmp_path / "missing")), "missing")
+
+
+def test_bench_unknown_backend():
+    assert_user_error(run("bench", "--backend", "tpu"), "Unknown backend", "cpu")
 
 
 def test_unknown_recipe_lists_valid_names(tmp_path):

@@ -128,7 +128,18 @@ def test_ternary_and_binary_codes():
     assert qw.scale.item() == pytest.approx(1.5)  # mean of the kept |w|
     qb = P.quantize_weight(w, binary)
     assert P.unpack_int4(qb.qdata)[0, :4].tolist() == [1, -1, 1, -1]
-    assert qb.scale.item() == pytest.approx(0.765)
+    assert qb.scale.item() == pytest.approx(0.765, rel=1e-3)  # stored in float16
+
+
+def test_weight_scales_are_stored_in_float16_when_in_range():
+    w = torch.randn(16, 128)
+    qw = P.quantize_weight(w, int4, 64)
+    assert qw.scale.dtype == torch.float16
+    # the codes were computed with the rounded scale: dequantizing gives the fake-quant weight exactly
+    assert torch.equal(qw.dequantize(), P.fake_quant_weight(w, int4, 64))
+    tiny = P.quantize_weight(w * 1e-9, int4, 64)  # below float16's normal range: kept in float32
+    assert tiny.scale.dtype == torch.float32
+    assert torch.allclose(tiny.dequantize(), P.fake_quant_weight(w * 1e-9, int4, 64))
 
 
 @settings(max_examples=100, deadline=None)

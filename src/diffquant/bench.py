@@ -5,8 +5,9 @@ reference and the backend run the same inputs in turn, each after warm-up, timed
 ``repeats`` calls. Ratios are what to compare; absolute times depend on the machine and its load.
 
 Example:
-    >>> from diffquant.bench import bench_forward
-    >>> bench_forward("fashion-unet", "w8a7", backend="cpu", batch=64)   # doctest: +SKIP
+    >>> from diffquant.bench import bench_forward, quantized_for_bench
+    >>> fp, q = quantized_for_bench("fashion-unet", "w8a7")   # doctest: +SKIP
+    >>> bench_forward(fp, q, backend="cpu", batch=64)         # doctest: +SKIP
     {'backend': 'cpu', 'fp_ms': ..., 'q_ms': ..., 'speedup': ..., ...}
 """
 
@@ -68,51 +69,45 @@ def example_inputs(model: nn.Module, batch: int, timestep: int = 500, seed: int 
     return x, t, labels
 
 
+def quantized_for_bench(model: str, recipe: str = "w8a7", progress: bool = False) -> tuple[nn.Module, nn.Module]:
+    """``(fp, quantized)``: a built-in model and a copy quantized with ``recipe`` on a small calibration."""
+    from diffquant import quantize
+    from diffquant.models import load_builtin
+
+    fp = load_builtin(model).eval()
+    return fp, quantize(copy.deepcopy(fp), recipe, BENCH_CALIBRATION, progress=progress).eval()
+
+
+def _round_ms(result: dict) -> dict:
+    return {k: round(v, 2) if k.endswith("_ms") else v for k, v in result.items()}
+
+
 @torch.no_grad()
 def bench_forward(
-    model: str,
-    recipe: str = "w8a7",
-    backend: str = "cpu",
-    batch: int = 64,
-    repeats: int = 5,
-    compile: bool = True,
-    quantized: nn.Module | None = None,
-    progress: bool = False,
+    fp: nn.Module, quantized: nn.Module, backend: str = "cpu", batch: int = 64, repeats: int = 5, compile: bool = True
 ) -> dict:
-    """One denoiser forward: FP32 eager (and compiled) vs the quantized model on ``backend``.
+    """One denoiser call: FP32 eager (and compiled) vs the quantized model on ``backend``.
 
     Args:
-        model: a built-in denoiser name.
-        recipe: the recipe to quantize with (ignored when ``quantized`` is given).
+        fp: the full-precision built-in model.
+        quantized: its quantized copy (from :func:`quantized_for_bench`, ``quantize`` or ``load_quantized``).
         backend: ``reference`` (fake quant) or ``cpu`` (oneDNN int8).
         batch: images per call.
         repeats: timed calls per variant (median reported).
-        compile: also time ``torch.compile`` for FP32 and the backend (the quantized model's
-            ``q_ms`` is then the compiled one; eager times are reported beside it).
-        quantized: an already quantized model (e.g. from ``load_quantized``); default quantizes
-            ``model`` with ``recipe`` on a small calibration.
+        compile: also time ``torch.compile`` for FP32 and the backend; ``q_ms`` is then the compiled
+            backend (eager times are reported beside it).
 
     Returns:
-        A dict with ``backend``, ``fp_ms``, ``q_ms``, ``speedup`` (= fp_ms / q_ms), the eager and
-        compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the lowering report
-        and ``sqnr_vs_reference_db`` (backend output against the fake-quant reference).
+        A dict with ``backend``, ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the
+        eager and compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the
+        lowering report and ``sqnr_vs_reference_db`` (backend output against the fake-quant reference).
     """
-    from diffquant import quantize
     from diffquant.backends import lower
-    from diffquant.models import load_builtin
     from diffquant.serialization import weight_bytes
 
-    fp = load_builtin(model).eval()
-    if quantized is None:
-        quantized = quantize(copy.deepcopy(fp), recipe, BENCH_CALIBRATION, progress=progress)
-        recipe_name = recipe
-    else:
-        recipe_name = quantized.diffquant_recipe.name
-    quantized.eval()
     x, t, y = example_inputs(fp, batch)
     result = {
-        "model": model,
-        "recipe": recipe_name,
+        "recipe": quantized.diffquant_recipe.name,
         "backend": backend,
         "batch": batch,
         "threads": torch.get_num_threads(),
@@ -141,7 +136,31 @@ def bench_forward(
     result["speedup"] = round(result["fp_ms"] / result["q_ms"], 3)
     if compile:
         result["speedup_vs_fp_compiled"] = round(result["fp_compiled_ms"] / result["q_ms"], 3)
-    for k, v in list(result.items()):
-        if k.endswith("_ms"):
-            result[k] = round(v, 2)
-    return result
+    return _round_ms(result)
+
+
+@torch.no_grad()
+def bench_sampling(
+    fp: nn.Module, quantized: nn.Module, backend: str = "cpu", batch: int = 64, steps: int = 20,
+    repeats: int = 3, compile: bool = True,
+) -> dict:  # fmt: skip
+    """A whole DDIM sampling run of ``batch`` images: FP32 eager vs the quantized model on ``backend``.
+
+    Returns ``fp_ms``, ``q_ms`` (compiled backend when ``compile``), ``speedup`` and the variants.
+    """
+    from diffquant.backends import lower
+    from diffquant.sampling import sample
+
+    def run(m):
+        return lambda: sample(m, batch, steps=steps, seed=0, batch_size=batch, progress=False)
+
+    runner, _ = lower(copy.deepcopy(quantized), backend)
+    result = {"steps": steps, "batch": batch, "sampler": "ddim", "repeats": repeats}
+    result["fp_eager_ms"] = time_ms(run(fp), repeats, warmup=1)
+    result["q_eager_ms"] = time_ms(run(runner), repeats, warmup=1)
+    if compile:
+        result["q_compiled_ms"] = time_ms(run(compile_forward(runner)), repeats, warmup=1)
+    result["fp_ms"] = result["fp_eager_ms"]
+    result["q_ms"] = result["q_compiled_ms"] if compile else result["q_eager_ms"]
+    result["speedup"] = round(result["fp_ms"] / result["q_ms"], 3)
+    return _round_ms(result)

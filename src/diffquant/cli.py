@@ -315,6 +315,80 @@ def report(
     typer.echo(f"report: {page}")
 
 
+@app.command()
+def bench(
+    model: ModelOrSavedOpt = None,
+    recipe: Annotated[str, typer.Option(help="Recipe to quantize with (ignored with --quantized).")] = "w8a7",
+    backend: Annotated[str, typer.Option(help="reference (fake quant) or cpu (oneDNN int8).")] = "cpu",
+    batch: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed calls per variant (median).")] = 5,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile.")] = True,
+    sampling_steps: Annotated[
+        int, typer.Option(help="Also time a whole DDIM sampling run of --batch images with this many steps (0: off).")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quantized: QuantizedOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Time one denoiser call, FP32 vs quantized on a backend, side by side in this process.
+
+    Prints backend, fp_ms (FP32 eager), q_ms (the backend, compiled unless --no-compile), speedup,
+    fp_weight_bytes, q_weight_bytes, threads, and the eager/compiled variants. Without --quantized
+    the model is quantized first on a small calibration (speed does not depend on it).
+
+    Example: diffquant bench --model fashion-unet --recipe w8a7 --backend cpu --batch 64 --json
+    """
+    from diffquant.backends import BACKENDS
+    from diffquant.bench import bench_forward, bench_sampling, quantized_for_bench
+
+    if backend not in BACKENDS:
+        _fail(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if batch < 1 or repeats < 1:
+        _fail("--batch and --repeats must be at least 1.")
+    _threads(threads)
+    if quantized is not None:
+        q, fp, model = _model_or_quantized(model, None, quantized)
+    else:
+        model = model or DEFAULT_MODEL
+        _denoiser(model)  # a clear error for an unknown model
+        fp, q = _run(quantized_for_bench, model, recipe, progress=not as_json)
+    result = {"model": model, **_run(bench_forward, fp.eval(), q.eval(), backend, batch, repeats, compile)}
+    if sampling_steps:
+        result["sampling"] = _run(bench_sampling, fp, q, backend, batch, sampling_steps, compile=compile)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:24s} {v}")
+
+
+@app.command("export")
+def export_cmd(
+    quantized: Annotated[Path, typer.Option(help="A quantized model directory (from `diffquant quantize`).")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write (replaced if it exists).")] = Path("model.onnx"),
+    form: Annotated[
+        str,
+        typer.Option(help="integer (exact, ONNX Runtime integer kernels) or qdq (QuantizeLinear/DequantizeLinear)."),
+    ] = "integer",
+    batch: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 13..20 (FP8 activations need 19+).")] = 19,
+    step: Annotated[
+        int | None,
+        typer.Option(help="Bake in the scales of this one time step (default: per-step tables, every step)."),
+    ] = None,
+):
+    """Export a quantized model to ONNX for ONNX Runtime (inputs x, t, class_labels; output eps).
+
+    Example: diffquant export --quantized unet-w8a7 --out unet-w8a7.onnx
+    """
+    try:
+        from diffquant.backends.onnx import export_onnx
+    except ImportError as e:
+        _fail(f"ONNX export needs the onnx and onnxruntime packages ({e}); pip install 'diffquant[onnx]'")
+    q, _, _ = _model_or_quantized(None, None, quantized)
+    typer.echo(_run(export_onnx, q, out, batch=batch, opset=opset, form=form, step=step).summary())
+
+
 @app.command("export-weights")
 def export_weights_cmd(
     kind: Annotated[str, typer.Argument(help="unet, dit or features.")],

@@ -172,12 +172,23 @@ def weight_scale(w: torch.Tensor, qtype: QType, group_size: int | None = None) -
     if qtype.kind == "ternary":
         a = grouped.abs()
         keep = a > 0.7 * a.mean(-1, keepdim=True)  # TWN threshold (Li et al. 2016)
-        return ((a * keep).sum(-1) / keep.sum(-1).clamp_min(1)).clamp_min(EPS)
+        return half_representable(((a * keep).sum(-1) / keep.sum(-1).clamp_min(1)).clamp_min(EPS))
     if qtype.kind == "binary":
-        return grouped.abs().mean(-1).clamp_min(EPS)  # XNOR-Net scale (Rastegari et al. 2016)
+        return half_representable(grouped.abs().mean(-1).clamp_min(EPS))  # XNOR-Net (Rastegari et al. 2016)
     amax = grouped.abs().amax(-1)
     limit = qtype.max_value if qtype.kind == "float" else qtype.qmax
-    return (amax / limit).clamp_min(EPS)
+    return half_representable((amax / limit).clamp_min(EPS))
+
+
+def half_representable(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to float16 when all of it lies in float16's normal range, else unchanged.
+
+    Weight scales are stored in float16 (half the bytes of per-group scales); the codes are computed
+    with the rounded scale, so storage loses nothing. Scales outside the range stay float32.
+    """
+    if scale.numel() and bool((scale >= 2**-14).all()) and bool((scale <= 65504).all()):
+        return scale.half().float()
+    return scale
 
 
 def _weight_codes(grouped: torch.Tensor, scale: torch.Tensor, qtype: QType, ste: bool) -> torch.Tensor:
@@ -226,7 +237,8 @@ def quantize_weight(w: torch.Tensor, qtype: QType, group_size: int | None = None
         packed = False
     if not packed and qdata.shape[1] == w[0].numel():
         qdata = qdata.reshape(w.shape)
-    return QuantizedWeight(qdata, scale.to(torch.float32), w.shape, qtype, g, packed)
+    exact_half = bool((scale.half().float() == scale).all())
+    return QuantizedWeight(qdata, scale.to(torch.float16 if exact_half else torch.float32), w.shape, qtype, g, packed)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

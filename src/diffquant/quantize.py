@@ -114,7 +114,10 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
 
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QMODULES and n]
     for name, module in targets:
-        settings = recipe.settings_for(name, "conv" if isinstance(module, nn.Conv2d) else "linear")
+        kind = (
+            "conv" if isinstance(module, nn.Conv2d) else "embedding" if isinstance(module, nn.Embedding) else "linear"
+        )
+        settings = recipe.settings_for(name, kind)
         if settings is None:
             continue
         wq = None if settings["weights"] == "none" else settings["weights"]

@@ -30,19 +30,25 @@ QUANT_LEVELS = (1.0, 2.0, 2.5, 3.0, 4.0)
 FEED_FORWARD = ("*ff.net.*", "*.ff.*", "*feed_forward*", "*mlp.*")
 QKV = ("*to_q", "*to_k", "*to_v", "*add_q_proj", "*add_k_proj", "*add_v_proj", "*to_qkv")
 
-# Layers kept in float by default, as TensorRT's diffusion recipe does: time and class embeddings,
-# the first and last layers (UNet conv_in / conv_out, DiT patch embedding / final projections).
+# Layers kept in float by default, as TensorRT's diffusion recipe does: the first and last layers
+# (UNet conv_in / conv_out, DiT patch embedding / final projection).
 DEFAULT_EXCLUDE = (
-    "*time_embedding*",
-    "*time_emb_proj*",
-    "*timestep_embedder*",
-    "*class_embedder*",
-    "*class_embedding*",
     "*conv_in",
     "*conv_out",
     "*pos_embed*",
-    "*proj_out_1",
     "*proj_out_2",
+)
+# Conditioning layers (class embedding tables, time embedding MLP, its per-block projections, DiT's
+# final modulation): their input depends on the time step and class only, so their activations stay
+# float, but their weights are quantized: they hold 23 % of fashion-unet's weight bytes and 40 % of
+# fashion-dit's. Embedding tables are only ever quantized through this list.
+DEFAULT_WEIGHT_ONLY = (
+    "*class_embedder*",
+    "*class_embedding*",
+    "*time_embedding*",
+    "*time_emb_proj*",
+    "*timestep_embedder*",
+    "*proj_out_1",
 )
 
 
@@ -136,6 +142,7 @@ class Recipe:
         softmax: format of the softmax output ``P`` (``none`` keeps it float).
         split_shortcut: separate scales for the two halves of UNet skip concatenations.
         exclude: fnmatch patterns of modules kept in float.
+        weight_only: fnmatch patterns of modules whose weights are quantized and activations not.
         overrides: per-module :class:`Override` entries, the last match wins.
         calibration: :class:`CalibrationConfig`.
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
@@ -166,6 +173,7 @@ class Recipe:
     softmax: str = "int8"
     split_shortcut: bool = True
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tdq_hidden: int = 64
@@ -242,10 +250,14 @@ class Recipe:
         return self.quant_level >= 3
 
     def settings_for(self, module_name: str, kind: str = "linear") -> dict | None:
-        """Weight/activation settings for a module (``kind`` ``conv`` or ``linear``), or ``None`` if it stays in float."""
+        """Settings of a module (``kind`` ``conv``, ``linear`` or ``embedding``), or ``None`` if it stays in float."""
         if any(fnmatchcase(module_name, p) for p in self.exclude) or not self.in_level(module_name, kind):
             return None
         s = {"weights": self.weights, "weight_group_size": self.weight_group_size, "activations": self.activations}
+        if any(fnmatchcase(module_name, p) for p in self.weight_only):
+            s["activations"] = "none"
+        elif kind == "embedding":
+            return None
         for o in self.overrides:
             if fnmatchcase(module_name, o.pattern):
                 if o.skip:
@@ -283,6 +295,8 @@ class Recipe:
             d["overrides"] = tuple(Override(**o) for o in d["overrides"])
         if "exclude" in d:
             d["exclude"] = tuple(d["exclude"])
+        # recipes saved before ``weight_only`` existed kept those layers in float (in ``exclude``)
+        d["weight_only"] = tuple(d.get("weight_only", ()))
         return cls(**d)
 
     @classmethod

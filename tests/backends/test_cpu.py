@@ -59,7 +59,8 @@ def _layer_inputs(model, x, t, y) -> dict[str, torch.Tensor]:
 def test_lowered_model_matches_the_reference(kind, name):
     q = _quantized(kind, RECIPES[name])
     lowered, report = lower(copy.deepcopy(q), "cpu")
-    assert report.lowered and not report.kept, report.summary()
+    # everything but the weight-only conditioning layers (float activations) runs on int8 kernels
+    assert report.lowered and all("float activations" in why for why in report.kept.values()), report.summary()
     for t in (999, 400, 10):
         x, tt, y = _inputs(q, t)
         # layer by layer on the same inputs: the same integers, so equal up to float rounding, except
@@ -128,7 +129,8 @@ def test_saturating_layers_stay_on_the_reference_path_when_exact():
     q = _quantized("dit", get_recipe("w8a8"))
     lowered, report = lower(copy.deepcopy(q), "cpu", exact=True)
     assert not report.lowered and report.kept
-    assert all("saturate" in why for why in report.kept.values())
+    assert all("saturate" in why or "float activations" in why for why in report.kept.values())
+    assert any("saturate" in why for why in report.kept.values())
     x, t, y = _inputs(q)
     with torch.no_grad():
         assert torch.equal(q(x, t, y), lowered(x, t, y))

@@ -338,6 +338,7 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
     for name, m in targets:
         why = _why_not(m, exact)
         if why is not None:
+            m.quantized_weight()  # dequantize once now, so a compiled graph finds the cached weight
             report.kept[name] = why
             continue
         cls = Int8Conv2d if isinstance(m, QuantConv2d) else Int8Linear

@@ -1,7 +1,7 @@
 """Quantized modules: activation quantizers, Linear / Conv2d, attention matmuls."""
 
 from diffquant.nn.attention import QuantAttentionMatmuls
-from diffquant.nn.modules import QMODULES, QuantConv2d, QuantLinear, QuantModule, register_qmodule
+from diffquant.nn.modules import QMODULES, QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, register_qmodule
 from diffquant.nn.quantizer import ActQuantizer, CalibrationError
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationError",
     "QuantAttentionMatmuls",
     "QuantConv2d",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantModule",
     "register_qmodule",

@@ -110,14 +110,21 @@ class QuantModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "qweight" in state_dict and not self.frozen:
-            self.freeze()  # make the integer buffers exist with the right dtypes before loading
+            self.freeze()  # make the integer buffers exist before loading
+        for key in ("qweight", "weight_scale"):  # take the stored dtype (e.g. float32 scales out of fp16 range)
+            saved = state_dict.get(prefix + key)
+            if self.frozen and saved is not None and getattr(self, key).dtype != saved.dtype:
+                setattr(self, key, torch.empty_like(saved, device=getattr(self, key).device))
         self._w_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_bytes(self) -> int:
         """Bytes of weight storage (integers + scales when frozen, float otherwise)."""
         if self.frozen:
-            return self.qweight.numel() * self.qweight.element_size() + self.weight_scale.numel() * 4
+            return (
+                self.qweight.numel() * self.qweight.element_size()
+                + self.weight_scale.numel() * self.weight_scale.element_size()
+            )
         return self.weight.numel() * self.weight.element_size()
 
 
@@ -188,6 +195,37 @@ class QuantConv2d(QuantModule):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"weight={self.weight_qtype}{g}"
         )
+
+
+@register_qmodule(nn.Embedding)
+class QuantEmbedding(QuantModule):
+    """Quantized ``nn.Embedding``: weight-only (the input is an index), one scale per row."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        if emb.max_norm is not None or emb.sparse:
+            raise ValueError("embeddings with max_norm or sparse gradients are not supported")
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
+        self.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+        self.bias = None
+        self._init_quant(None, None, None)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Embedding, weight_qtype: QType | str | None, group_size=None, input_quantizer=None, **kw
+    ) -> QuantEmbedding:
+        if input_quantizer is not None:
+            raise ValueError("an embedding's input is an index: quantize its weights only (activations 'none')")
+        q = cls(module)
+        q._init_quant(weight_qtype, group_size, None)
+        return q.to(module.weight.device)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.quantized_weight(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.weight_qtype}"
 
 
 def make_input_quantizer(module: nn.Module, name: str, **kwargs) -> ActQuantizer:
