@@ -136,9 +136,14 @@ def load_quantized(
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and weight storage (integer weights count at their packed size)."""
+    """Bytes of the weights a forward needs (integer weights at their packed size, scales, biases, norms).
+
+    TDQ generators are left out: their per-step table (in the activation quantizer) is what runs.
+    """
     total = 0
     for name, t in model.state_dict().items():
+        if ".generator." in name:  # a TDQ generator: calibration machinery, its table is what runs
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("weight", "bias", "qweight", "weight_scale"):
             total += t.numel() * t.element_size()

@@ -160,3 +160,19 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, c_in, 7, 7), split.handle))
     k = lin.kernel.parts[0][2].stop
     torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, 5, k), lin.handle))
+
+
+def test_compiled_lowered_model_is_one_graph_for_every_step():
+    q = _quantized("dit", RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
+    lowered, report = lower(copy.deepcopy(q), "cpu")
+    assert report.step_quantizers  # the attention operands: float, behind the opaque op
+    torch._dynamo.reset()
+    compiled = torch.compile(lowered.forward, fullgraph=True, dynamic=False)  # fullgraph: a break is an error
+    x, _, y = _inputs(q)
+    with torch.no_grad():
+        for i, t in enumerate((999, 500, 10)):
+            tt = torch.full((x.shape[0],), t)
+            with denoising_step(i, t, 3), torch._dynamo.config.patch(error_on_recompile=i > 0):
+                out = compiled(x, tt, y)
+                eager = lowered(x, tt, y)
+            assert sqnr(eager, out) > 60, t  # the compiled graph used step t's scales

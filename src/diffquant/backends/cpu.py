@@ -172,6 +172,40 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(kernel.out_shape(x))
 
 
+_QUANTIZERS: weakref.WeakValueDictionary[int, ActQuantizer] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("diffquant::step_fake_quant", mutates_args=())
+def step_fake_quant(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """Fake-quantize ``x`` with quantizer ``handle`` at the current step (one opaque node when compiled)."""
+    y = _QUANTIZERS[handle](x)
+    return y.clone() if y is x else y
+
+
+@step_fake_quant.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class StepQuantizer(nn.Module):
+    """A per-step (bucketed / TDQ) activation quantizer left in float, behind one opaque operator.
+
+    Its table lookup reads the current step in Python; traced by ``torch.compile`` that lookup would
+    specialise the graph on every step (and fail on the tensor index). Behind the operator it runs
+    eagerly, and one compiled graph serves all steps. Used for the attention-matmul operands and the
+    inputs of layers that stay on the reference path.
+    """
+
+    def __init__(self, quantizer: ActQuantizer):
+        super().__init__()
+        self.quantizer = quantizer
+        self.handle = next(_HANDLES)
+        _QUANTIZERS[self.handle] = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.diffquant.step_fake_quant(x, self.handle)
+
+
 class _Int8Layer(nn.Module):
     """Base of the lowered layers: holds its kernel and calls ``diffquant::int8_layer``."""
 
@@ -203,6 +237,7 @@ class LoweringReport:
 
     lowered: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    step_quantizers: list[str] = field(default_factory=list)  # float per-step quantizers behind one op
 
     def summary(self) -> str:
         lines = [f"{len(self.lowered)} layers on int8 kernels, {len(self.kept)} on the float reference path"]
@@ -210,6 +245,8 @@ class LoweringReport:
         for r in self.kept.values():
             reasons[r] = reasons.get(r, 0) + 1
         lines += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+        if self.step_quantizers:
+            lines.append(f"{len(self.step_quantizers)} per-step activation quantizers (attention operands...) in float")
         return "\n".join(lines)
 
 
@@ -345,4 +382,8 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
         assert isinstance(m, (QuantConv2d, QuantLinear))
         model.set_submodule(name, cls(_kernel(m), m.extra_repr()))
         report.lowered.append(name)
+    for name, q in [(n, q) for n, q in model.named_modules() if isinstance(q, ActQuantizer)]:
+        if q.scale.numel() > 1 and q.mode != "dynamic":  # attention operands, inputs of kept layers
+            model.set_submodule(name, StepQuantizer(q))
+            report.step_quantizers.append(name)
     return model, report

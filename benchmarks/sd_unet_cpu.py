@@ -1,0 +1,188 @@
+"""A Stable-Diffusion-1.5-shaped UNet on the CPU: FP32 eager vs diffquant's int8 backend vs PyTorch PT2E.
+
+    python benchmarks/sd_unet_cpu.py                  # 2 threads, w8a7-tdq, PT2E peer (machine quiet)
+    python benchmarks/sd_unet_cpu.py --no-pt2e --repeats 3
+
+One denoiser call of a ``UNet2DConditionModel`` with SD-1.5's configuration and random weights (seed 0),
+batch 1, 64x64 latents, 77x768 text states, timed side by side in one process (median of
+``--repeats`` after warm-up):
+
+    FP32 eager                   the model as built
+    FP32 torch.compile           Inductor with freezing
+    diffquant cpu, eager         ``diffquant.quantize`` (per-step TDQ scales calibrated on 4 time steps of
+    diffquant cpu, compiled      random latents, fitted for ``--tdq-iters``), then ``backends.lower(.., "cpu")``
+    PT2E X86InductorQuantizer    torchao's static int8 flow (one scale for all steps), torch.compile
+
+Attention matmuls stay float in the quantized models (``attention=False``): the CPU backend has no int8
+attention kernel, and PT2E's x86 recipe does not quantize them either. Calibration content does not
+change speed; the SQNR column compares each quantized model with its own fake-quant reference (diffquant)
+or the FP32 model (PT2E), to show the integers are what was asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffquant import get_recipe, quantize
+from diffquant.backends import lower
+from diffquant.bench import compile_forward, sqnr_db, time_ms
+from diffquant.serialization import weight_bytes
+from diffquant.timestep import denoising_step
+
+CAL_STEPS = (999, 700, 400, 100)
+
+
+def sd15_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, 64, 64, generator=g), torch.tensor([500]), torch.randn(1, 77, 768, generator=g)
+
+
+def runner(model, config, observe, progress):
+    """Calibration: one random latent per time step in CAL_STEPS."""
+    for i, t in enumerate(CAL_STEPS):
+        x, _, ehs = inputs(seed=100 + i)
+        with denoising_step(i, t, len(CAL_STEPS)):
+            observe(model, x, torch.tensor([t]), ehs, [0])
+    return list(CAL_STEPS)
+
+
+def pt2e_model(fp, args):
+    """torchao's PT2E static int8 flow for x86 (as in benchmarks/peers.py), compiled."""
+    import torch._inductor.config as inductor_config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peers import _float_only_x86_quantizer
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import get_default_x86_inductor_quantization_config
+
+    from diffquant.backends.cpu import vnni
+
+    class Forward(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, t, ehs):
+            return self.m(x, t, ehs).sample
+
+    exported = torch.export.export(Forward(fp), inputs()).module()
+    quantizer = _float_only_x86_quantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=not vnni()))
+    prepared = prepare_pt2e(exported, quantizer)
+    for i, t in enumerate(CAL_STEPS):
+        x, _, ehs = inputs(seed=100 + i)
+        prepared(x, torch.tensor([t]), ehs)
+    converted = convert_pt2e(prepared)
+    move_exported_model_to_eval(converted)
+    inductor_config.freezing = True
+    return torch.compile(converted)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--recipe", default="w8a7-tdq")
+    ap.add_argument("--tdq-iters", type=int, default=100)
+    ap.add_argument("--no-pt2e", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/sd_unet_cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    x, t, ehs = inputs()
+    rows, info = [], {}
+
+    def row(name, fn, ref=None, note=""):
+        start = time.perf_counter()
+        out = fn()  # first call: compiles where compiled
+        first = time.perf_counter() - start
+        ms = time_ms(fn, args.repeats, warmup=1)
+        r = {"variant": name, "ms": round(ms, 1), "first_call_s": round(first, 1), "note": note}
+        if ref is not None:
+            r["sqnr_db"] = round(sqnr_db(ref, out.sample if hasattr(out, "sample") else out), 1)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        return out
+
+    fp = sd15_unet()
+    info["fp_weight_bytes"] = weight_bytes(fp)
+    fp_out = row("FP32 eager", lambda: fp(x, t, ehs)).sample
+    fp_c = compile_forward(copy.deepcopy(fp))
+    row("FP32 torch.compile", lambda: fp_c(x, t, ehs), fp_out)
+    fp_c = None  # free it before the quantized copies
+    gc.collect()
+
+    recipe = get_recipe(args.recipe).replace(attention=False, tdq_iters=args.tdq_iters, name=f"{args.recipe}-noattn")
+    start = time.perf_counter()
+    q = quantize(copy.deepcopy(fp), recipe, runner, progress=False)
+    info["quantize_s"] = round(time.perf_counter() - start, 1)
+    info["q_weight_bytes"] = weight_bytes(q)
+    with denoising_step(0, 500, 1):
+        ref = q(x, t, ehs).sample
+    low, report = lower(q, "cpu")  # in place: the reference is not needed any more
+    info["lowering"] = report.summary()
+    row("diffquant cpu, eager", lambda: low(x, t, ehs), ref, recipe.name)
+    low_c = compile_forward(low)
+    row("diffquant cpu, torch.compile", lambda: low_c(x, t, ehs), ref, recipe.name)
+    low = low_c = q = None
+    gc.collect()
+
+    if not args.no_pt2e:
+        try:
+            pt = pt2e_model(fp, args)
+            row("PT2E X86InductorQuantizer, torch.compile", lambda: pt(x, t, ehs), fp_out, "vs FP32 output")
+        except Exception as e:  # a peer that fails gets a row, not a crash
+            rows.append({"variant": "PT2E X86InductorQuantizer", "error": f"{type(e).__name__}: {e}"[:300]})
+
+    base = rows[0]["ms"]
+    for r in rows:
+        if "ms" in r:
+            r["speedup_vs_fp32_eager"] = round(base / r["ms"], 3)
+    info.update(
+        command="python " + " ".join(sys.argv), torch=torch.__version__, threads=args.threads,
+        machine=platform.processor() or platform.machine(), repeats=args.repeats,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    lines = [
+        "# SD-1.5-shaped UNet, batch 1, 64x64 latents: FP32 vs int8 on the CPU",
+        "",
+        f"Command: `{info['command']}` (torch {info['torch']}, {args.threads} threads, median of {args.repeats}).",
+        f"Weights: FP32 {info['fp_weight_bytes'] / 1e6:.0f} MB, diffquant int8 {info['q_weight_bytes'] / 1e6:.0f} MB.",
+        f"Lowering: {info['lowering']}".replace("\n", "; "),
+        "",
+        "| variant | ms | vs FP32 eager | first call (s) | SQNR (dB) | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error | | | | {r['error']} |")
+        else:
+            lines.append(
+                f"| {r['variant']} | {r['ms']} | {r['speedup_vs_fp32_eager']}x | {r['first_call_s']} | "
+                f"{r.get('sqnr_db', '')} | {r['note']} |"
+            )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.md / .json")
+
+
+if __name__ == "__main__":
+    main()
