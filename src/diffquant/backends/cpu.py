@@ -172,38 +172,51 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(kernel.out_shape(x))
 
 
-_QUANTIZERS: weakref.WeakValueDictionary[int, ActQuantizer] = weakref.WeakValueDictionary()
+_QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("diffquant::step_fake_quant", mutates_args=())
-def step_fake_quant(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """Fake-quantize ``x`` with quantizer ``handle`` at the current step (one opaque node when compiled)."""
-    y = _QUANTIZERS[handle](x)
-    return y.clone() if y is x else y
+@torch.library.custom_op("diffquant::step_qparams", mutates_args=())
+def step_qparams(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (``x`` only gives the device)."""
+    q = _QUANTIZERS[handle]
+    step = current_step()
+    if step is None:
+        raise RuntimeError(
+            f"{q.name}: no current time step. Call the model as model(x, t, ...) or inside "
+            "diffquant.timestep.denoising_step(...)."
+        )
+    b = q.bucket_list[step.timestep]
+    return torch.tensor(q.param_list[b], dtype=x.dtype, device=x.device)
 
 
-@step_fake_quant.register_fake
+@step_qparams.register_fake
 def _(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(2)
 
 
 class StepQuantizer(nn.Module):
-    """A per-step (bucketed / TDQ) activation quantizer left in float, behind one opaque operator.
+    """A per-step (bucketed / TDQ) activation quantizer left in float, compile-friendly.
 
     Its table lookup reads the current step in Python; traced by ``torch.compile`` that lookup would
-    specialise the graph on every step (and fail on the tensor index). Behind the operator it runs
-    eagerly, and one compiled graph serves all steps. Used for the attention-matmul operands and the
-    inputs of layers that stay on the reference path.
+    specialise the graph on every step (and fail on the tensor index). Here only the lookup is an
+    opaque operator returning ``[scale, zero_point]``; the fake quant itself stays in the graph, where
+    Inductor fuses it with its neighbours, and one compiled graph serves all steps. Used for the
+    attention-matmul operands and the inputs of layers that stay on the reference path.
     """
 
     def __init__(self, quantizer: ActQuantizer):
         super().__init__()
-        self.quantizer = quantizer
+        self.qtype, self.symmetric = quantizer.qtype, quantizer.symmetric
+        self.name = quantizer.name
+        self.bucket_list = quantizer.bucket_of_t.tolist()
+        scales, zero_points = quantizer.scale.tolist(), quantizer.zero_point.tolist()
+        self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
         self.handle = next(_HANDLES)
-        _QUANTIZERS[self.handle] = quantizer
+        _QUANTIZERS[self.handle] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.diffquant.step_fake_quant(x, self.handle)
+        p = torch.ops.diffquant.step_qparams(x, self.handle)
+        return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
 
 
 class _Int8Layer(nn.Module):
