@@ -176,8 +176,8 @@ _QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValue
 
 
 @torch.library.custom_op("diffquant::step_qparams", mutates_args=())
-def step_qparams(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (``x`` only gives the device)."""
+def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
+    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
     q = _QUANTIZERS[handle]
     step = current_step()
     if step is None:
@@ -186,12 +186,12 @@ def step_qparams(x: torch.Tensor, handle: int) -> torch.Tensor:
             "diffquant.timestep.denoising_step(...)."
         )
     b = q.bucket_list[step.timestep]
-    return torch.tensor(q.param_list[b], dtype=x.dtype, device=x.device)
+    return torch.tensor(q.param_list[b], dtype=torch.float32, device=device_ref.device)
 
 
 @step_qparams.register_fake
-def _(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return x.new_empty(2)
+def _(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
+    return device_ref.new_empty(2, dtype=torch.float32)
 
 
 class StepQuantizer(nn.Module):
@@ -213,9 +213,12 @@ class StepQuantizer(nn.Module):
         self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
         self.handle = next(_HANDLES)
         _QUANTIZERS[self.handle] = self
+        # the lookup's only tensor argument, for the device: not the activation, so that Inductor
+        # can still fuse the fake quant into the op producing it
+        self.register_buffer("device_ref", torch.zeros(0, device=quantizer.scale.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.ops.diffquant.step_qparams(x, self.handle)
+        p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
         return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
 
 
