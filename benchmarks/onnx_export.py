@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 from diffquant import CalibrationConfig, get_recipe, quantize
 from diffquant.backends.onnx import export_onnx, ort_op_types, session_options
+from diffquant.bench import interleaved_ms
 from diffquant.eval.metrics import sqnr
 from diffquant.models import load_builtin
 
@@ -43,29 +42,6 @@ VARIANTS = {
     "qdq, per-step tables (Gather on t)": dict(form="qdq"),
     "qdq, constant scales of one step": dict(form="qdq", step=999),
 }
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return statistics.median(out)
-
-
-def interleaved_ms(calls: dict, repeats: int) -> dict[str, float]:
-    """Median time of each call, every round timing every call once (so load changes hit all alike)."""
-    for fn in calls.values():
-        fn()  # warm-up
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def export_float(model: torch.nn.Module, path: Path) -> None:
@@ -119,9 +95,9 @@ def model_rows(args) -> dict:
                 ops={k: v for k, v in sorted(ops.items()) if k in SHOWN_OPS},
                 sqnr_db=round(sqnr(ref_f if name == "ONNX float" else ref_q, out), 1),
             )
-            calls[name] = lambda s=session: s.run(["eps"], feeds)
+            calls[name] = lambda _, s=session: s.run(["eps"], feeds)
 
-        def eager():
+        def eager(_):
             with torch.no_grad():
                 float_model(x, t, y)
 
@@ -224,7 +200,7 @@ def kernel_rows(args) -> dict:
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.integers(-127, 128, (64, 64, 3, 3))
     sessions = {k: ort.InferenceSession(g, session_options(args.threads)) for k, g in conv_graphs(w, shape).items()}
-    ms = interleaved_ms({k: (lambda s=s: s.run(None, {"x": x})) for k, s in sessions.items()}, args.repeats)
+    ms = interleaved_ms({k: (lambda _, s=s: s.run(None, {"x": x})) for k, s in sessions.items()}, args.repeats)
     rows = {k: {"ms": round(v, 2), "vs_float_conv": round(v / ms["float Conv"], 2)} for k, v in ms.items()}
     for k, row in rows.items():
         print(json.dumps({"kernel": k, **row}), flush=True)

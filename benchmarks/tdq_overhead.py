@@ -15,31 +15,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from diffquant import quantize
 from diffquant.backends import lower
-from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs
+from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs, interleaved_ms
 from diffquant.models import load_builtin
 
 
-def interleaved_ms(fns: dict, inputs, rounds: int) -> dict[str, float]:
-    """Median ms per call of each function, calling them in turn every round at a new time step."""
+def timed_calls(models: dict, inputs) -> dict:
+    """``call(round)`` per model: the same inputs, a new time step every round."""
     x, _, y = inputs
-    times = {k: [] for k in fns}
-    for r in range(rounds + 2):
-        t = torch.full((x.shape[0],), 999 - 37 * r % 1000)
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn(x, t, y)
-            if r >= 2:  # two warm-up rounds
-                times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: round(statistics.median(v), 2) for k, v in times.items()}
+
+    def call(model):
+        return lambda r: model(x, torch.full((x.shape[0],), 999 - 37 * r % 1000), y)
+
+    return {k: call(m) for k, m in models.items()}
 
 
 @torch.no_grad()
@@ -62,12 +56,13 @@ def main() -> None:
         q = quantize(copy.deepcopy(fp), name, BENCH_CALIBRATION, progress=False).eval()
         models[name], _ = lower(q, args.backend)
     inputs = example_inputs(fp, args.batch)
-    result = {"eager_ms": interleaved_ms({k: m for k, m in models.items()}, inputs, args.rounds)}
+    ms = {"eager_ms": interleaved_ms(timed_calls(models, inputs), args.rounds, warmup=2)}
     if args.compile:
         compiled = {k: compile_forward(m) for k, m in models.items()}
-        result["compiled_ms"] = interleaved_ms(compiled, inputs, args.rounds)
-    for mode, ms in list(result.items()):
-        result[mode.replace("_ms", "_tdq_over_static")] = round(ms[args.tdq] / ms[args.static], 4)
+        ms["compiled_ms"] = interleaved_ms(timed_calls(compiled, inputs), args.rounds, warmup=2)
+    result = {mode: {k: round(v, 2) for k, v in d.items()} for mode, d in ms.items()}
+    for mode, times in list(result.items()):
+        result[mode.replace("_ms", "_tdq_over_static")] = round(times[args.tdq] / times[args.static], 4)
     info = {
         "command": "python " + " ".join(sys.argv), "model": args.model, "backend": args.backend,
         "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,

@@ -176,6 +176,7 @@ def test_export_onnx_from_a_quantized_directory(tmp_path):
 
 def test_bench_unknown_backend():
     assert_user_error(run("bench", "--backend", "tpu"), "Unknown backend", "cpu")
+    assert_user_error(run("bench", "--sampling-steps", "-1"), "--sampling-steps")
 
 
 def test_unknown_recipe_lists_valid_names(tmp_path):

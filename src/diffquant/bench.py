@@ -41,6 +41,21 @@ def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
+def interleaved_ms(calls: dict[str, Callable[[int], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms of each ``call(round)``, every round calling each once in turn (load hits all alike).
+
+    The round index lets callers vary the input per round (e.g. the time step) identically for all.
+    """
+    times = {name: [] for name in calls}
+    for r in range(warmup + rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn(r)
+            if r >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def compile_forward(model: nn.Module) -> nn.Module:
     """Compile ``model.forward`` with Inductor (weights frozen as constants); hooks stay eager.
 

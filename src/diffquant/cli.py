@@ -343,8 +343,8 @@ def bench(
 
     if backend not in BACKENDS:
         _fail(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if batch < 1 or repeats < 1:
-        _fail("--batch and --repeats must be at least 1.")
+    if batch < 1 or repeats < 1 or sampling_steps < 0:
+        _fail("--batch and --repeats must be at least 1, --sampling-steps at least 0.")
     _threads(threads)
     if quantized is not None:
         q, fp, model = _model_or_quantized(model, None, quantized)

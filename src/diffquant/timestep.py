@@ -35,6 +35,17 @@ def current_step() -> StepInfo | None:
     return _CURRENT.get()
 
 
+def require_step(who: str) -> StepInfo:
+    """The current step, or a ``RuntimeError`` naming ``who`` and saying how to provide one."""
+    step = _CURRENT.get()
+    if step is None:
+        raise RuntimeError(
+            f"{who}: no current time step. Call the quantized model as model(x, t, ...) "
+            "or inside diffquant.timestep.denoising_step(...)."
+        )
+    return step
+
+
 @contextlib.contextmanager
 def denoising_step(index: int, timestep: int, num_steps: int):
     """Context manager that makes ``StepInfo(index, timestep, num_steps)`` current."""

@@ -28,7 +28,6 @@ speed of its fp32 ones (``benchmarks/cpu_kernels.md``): integer arithmetic there
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -37,9 +36,10 @@ import torch
 from torch import nn
 
 from diffquant import primitives as P
+from diffquant.backends.common import integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
-from diffquant.timestep import current_step
+from diffquant.timestep import require_step
 
 # torch.quantize_per_tensor is the fast vectorised quantizer (20x the decomposed op); it warns that
 # quantized dtypes are deprecated: we only use it to compute uint8 codes, read out with int_repr.
@@ -87,13 +87,7 @@ class _ActCodes:
             return float(scale), int(zp) + self.shift
         if self.bucket_of_t is None:
             return self.scales[0], self.zero_points[0]
-        step = current_step()
-        if step is None:
-            raise RuntimeError(
-                f"{self.name}: no current time step. Call the model as model(x, t, ...) or inside "
-                "diffquant.timestep.denoising_step(...)."
-            )
-        b = self.bucket_of_t[step.timestep]
+        b = self.bucket_of_t[require_step(self.name).timestep]
         return self.scales[b], self.zero_points[b]
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -179,13 +173,7 @@ _QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValue
 def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
     """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
     q = _QUANTIZERS[handle]
-    step = current_step()
-    if step is None:
-        raise RuntimeError(
-            f"{q.name}: no current time step. Call the model as model(x, t, ...) or inside "
-            "diffquant.timestep.denoising_step(...)."
-        )
-    b = q.bucket_list[step.timestep]
+    b = q.bucket_list[require_step(q.name).timestep]
     return torch.tensor(q.param_list[b], dtype=torch.float32, device=device_ref.device)
 
 
@@ -290,53 +278,23 @@ def saturation_free(act_bits: int, weight_qmax: int) -> bool:
 
 def _why_not(m: QuantModule, exact: bool) -> str | None:
     """Why ``m`` cannot run on the int8 kernels, or ``None`` when it can."""
-    if not m.frozen:
-        return "float weights (weight format none, or not frozen)"
-    if m.weight_qtype.kind == "float":
-        return "fp8 weights (no fp8 kernel on CPU)"
-    if m.weight_qtype.bits > 8:
-        return f"{m.weight_qtype} weights"
-    k = math.prod(m.weight_shape.tolist()[1:])
-    if m.weight_scale.shape[1] != 1 or int(m.weight_group) < k:
-        return "per-group weight scales (the kernels take one scale per output channel)"
-    if isinstance(m, QuantConv2d) and m.groups != 1:
-        return "grouped convolution"
-    for q in (m.input_quantizer, m.input_quantizer_2):
-        if q is None:
-            continue
-        if not q.qtype.is_int:
-            return f"{q.qtype} activations (no such kernel on CPU)"
-        if q.granularity != "tensor":
-            return "per-token activation scales"
-        if q.learnable:
-            return "learnable TDQ generator (freeze it into its table first)"
-        if not q._ready:
-            return "uncalibrated activation scales"
-    if m.input_quantizer is None:
-        return "float activations (weight-only recipe)"
-    if exact:
+    why = integer_obstacle(m, "oneDNN on CPU")
+    if why is None and exact:
         for q in (m.input_quantizer, m.input_quantizer_2):
             if q is not None and not saturation_free(q.qtype.bits, _weight_qmax(m)):
                 return (
                     f"{q.qtype} activations x {m.weight_qtype} weights can saturate the int8 kernels of a CPU "
                     "without VNNI (use 7-bit activations, e.g. recipe w8a7, or lower(exact=False))"
                 )
-    return None
+    return why
 
 
 def _weight_qmax(m: QuantModule) -> int:
     return 1 if m.weight_qtype.kind in ("ternary", "binary") else m.weight_qtype.qmax
 
 
-def _int_weight(m: QuantModule) -> torch.Tensor:
-    """The integer weight codes of a frozen layer as int8, in the float weight's shape."""
-    shape = m.weight_shape.tolist()
-    q = P.unpack_int4(m.qweight) if m.qweight.dtype == torch.uint8 else m.qweight.reshape(shape[0], -1)
-    return q[:, : math.prod(shape[1:])].to(torch.int8).reshape(shape).contiguous()
-
-
 def _kernel(m: QuantModule) -> _Kernel:
-    w = _int_weight(m)
+    w = m.integer_weight()
     w_scale = m.weight_scale.reshape(-1).float().contiguous()
     w_zp = torch.zeros(w.shape[0], dtype=torch.long)
     bias = None if m.bias is None else m.bias.detach().float().contiguous()

@@ -63,7 +63,6 @@ import copy
 import io
 import itertools
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -76,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
+from diffquant.backends.common import integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 
@@ -245,13 +245,6 @@ class _ExportQuantizer(nn.Module):
         return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim)
 
 
-def _int_weight(m: QuantModule) -> torch.Tensor:
-    """The integer weight codes of a frozen layer as int8, in the float weight's shape."""
-    shape = m.weight_shape.tolist()
-    q = P.unpack_int4(m.qweight) if m.qweight.dtype == torch.uint8 else m.qweight.reshape(shape[0], -1)
-    return q[:, : math.prod(shape[1:])].to(torch.int8).reshape(shape).contiguous()
-
-
 class _LayerBase(nn.Module):
     """Shared parts of the exported layers: bias, SmoothQuant factors, input split, op settings."""
 
@@ -290,7 +283,7 @@ class _IntegerLayer(_LayerBase):
     def __init__(self, m: QuantModule, quantizers: list[_ExportQuantizer], form: str):
         super().__init__(m, quantizers)
         self.form = form
-        w = _int_weight(m)
+        w = m.integer_weight()
         cin = w.shape[1]
         bounds = [0, self.split, cin] if self.split else [0, cin]
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -408,25 +401,7 @@ def _saturation_note(model: nn.Module, report: ExportReport) -> str | None:
 
 def _why_float(m: QuantModule) -> str | None:
     """Why ``m`` cannot be exported as exact integer ops, or ``None`` when it can."""
-    if not m.frozen:
-        return "float weights (weight format none, or not frozen)"
-    if m.weight_qtype.kind == "float":
-        return "fp8 weights (no fp8 kernel in ONNX Runtime's CPU provider)"
-    k = math.prod(m.weight_shape.tolist()[1:])
-    if m.weight_scale.shape[1] != 1 or int(m.weight_group) < k:
-        return "per-group weight scales (ONNX's integer ops take one scale per output channel)"
-    if isinstance(m, QuantConv2d) and m.groups != 1:
-        return "grouped convolution"
-    if m.input_quantizer is None:
-        return "float activations (the recipe leaves this layer's input unquantized)"
-    for q in (m.input_quantizer, m.input_quantizer_2):
-        if q is None:
-            continue
-        if not q.qtype.is_int:
-            return f"{q.qtype} activations (no such integer op)"
-        if q.granularity != "tensor":
-            return "per-token activation scales (QuantizeLinear takes one scale per tensor)"
-    return None
+    return integer_obstacle(m, "ONNX Runtime's integer ops")
 
 
 def _replace_layers(model: nn.Module, form: str, clock: _Clock, step: int | None, report: ExportReport) -> None:

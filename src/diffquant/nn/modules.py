@@ -11,6 +11,8 @@ two per byte for 4-bit and lower) with ``weight_scale``, and ``state_dict`` hold
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,12 @@ class QuantModule(nn.Module):
             self.qweight, self.weight_scale, torch.Size(self.weight_shape.tolist()), self.weight_qtype,
             int(self.weight_group.item()), packed,
         )  # fmt: skip
+
+    def integer_weight(self) -> torch.Tensor:
+        """The stored integer codes as int8 in the float weight's shape (int4 unpacked; frozen layers)."""
+        shape = self.weight_shape.tolist()
+        q = P.unpack_int4(self.qweight) if self.qweight.dtype == torch.uint8 else self.qweight.reshape(shape[0], -1)
+        return q[:, : math.prod(shape[1:])].to(torch.int8).reshape(shape).contiguous()
 
     @torch.no_grad()
     def freeze(self) -> None:

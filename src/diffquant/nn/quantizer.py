@@ -15,7 +15,7 @@ from torch import nn
 from diffquant import primitives as P
 from diffquant.observers import Observer
 from diffquant.qtypes import QType, get_qtype
-from diffquant.timestep import current_step
+from diffquant.timestep import require_step
 
 MODES = ("static", "bucketed", "tdq", "dynamic")
 GRANULARITIES = ("tensor", "token")
@@ -91,13 +91,7 @@ class ActQuantizer(nn.Module):
         return f"{self.qtype}, {self.mode}, {self.granularity}, {sym}, buckets={self.scale.numel()}"
 
     def _timestep(self) -> int:
-        step = current_step()
-        if step is None:
-            raise RuntimeError(
-                f"{self.name}: no current time step. Call the quantized model as model(x, t, ...) "
-                "or inside diffquant.timestep.denoising_step(...)."
-            )
-        return step.timestep
+        return require_step(self.name).timestep
 
     def scale_for(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` used at ``timestep`` (static and bucketed modes)."""
