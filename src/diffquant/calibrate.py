@@ -122,24 +122,37 @@ def _builtin_runner(model: nn.Module, config: CalibrationConfig, observe: Callab
 
 
 def _make_observe(model: nn.Module) -> Callable:
-    """``observe(model, x, t, cond, rows)``: the FP model call of one step, observing the selected rows."""
+    """``observe(model, x, t, cond, rows)``: the FP model call of one step, observing the selected rows.
+
+    ``observe.quantizers`` lists the quantizers it switches on, for runners that call the model
+    their own way (see :func:`observed_call`).
+    """
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
     def observe(model, x, t, y, rows):
-        return _observe(quants, model, x, t, y, rows)
+        def call(idx):
+            return model(x, t, y) if idx is None else model(x[idx], t[idx], y[idx])
 
+        return observed_call(quants, call, rows, x.shape[0])
+
+    observe.quantizers = quants
     return observe
 
 
-def _observe(quants, model, x, t, y, rows):
-    if len(rows) == x.shape[0]:
-        with observing(quants):
-            return model(x, t, y)
+def observed_call(quantizers: list[ActQuantizer], call: Callable, rows: list[int], batch: int):
+    """One model evaluation that lets ``quantizers`` observe only the batch rows ``rows``.
+
+    ``call(None)`` runs the whole batch, ``call(idx)`` the rows ``idx`` (a long tensor). When some
+    but not all rows are selected, they are run once more with the observers on; the returned output
+    is always the whole batch's, computed with the observers off, so the trajectory is unchanged.
+    """
+    if len(rows) == batch:
+        with observing(quantizers):
+            return call(None)
     if rows:
-        idx = torch.tensor(rows)
-        with observing(quants):
-            model(x[idx], t[idx], y[idx])
-    return model(x, t, y)
+        with observing(quantizers):
+            call(torch.tensor(rows))
+    return call(None)
 
 
 @torch.no_grad()

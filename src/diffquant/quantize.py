@@ -67,7 +67,9 @@ def _install_step_hook(model: nn.Module) -> None:
                 "a quantized model with per-step scales needs one time step per call; got a batch of "
                 "different time steps (sample them in separate calls)"
             )
-        tokens.append(_CURRENT.set(StepInfo(-1, int(t.flatten()[0].round()), -1)))
+        # pipelines that pass a rescaled time step (Flux: t / 1000) record the factor back to t
+        scale = getattr(module, "diffquant_timestep_scale", 1.0)
+        tokens.append(_CURRENT.set(StepInfo(-1, round(float(t.flatten()[0]) * scale), -1)))
 
     def post(module, args, kwargs, output):
         token = tokens.pop() if tokens else None
@@ -180,12 +182,18 @@ def quantize(
     *,
     num_timesteps: int | None = None,
     progress: bool = True,
-) -> nn.Module:
-    """Quantize a denoiser in place and return it.
+    prompts: list[str] | None = None,
+    class_labels: list[int] | None = None,
+    pipeline_kwargs: dict | None = None,
+):
+    """Quantize a denoiser (or a diffusers pipeline's denoiser) in place and return it.
 
     Args:
         model: a denoiser ``model(x, t, ...)``; the built-in models, diffusers UNets and
             transformers, or any ``nn.Module`` with a time-step argument named ``t``/``timestep``.
+            A diffusers ``DiffusionPipeline`` is quantized through its ``unet`` / ``transformer``,
+            calibrated by running the pipeline itself (:mod:`diffquant.integrations.pipelines`),
+            and the pipeline is returned.
         recipe: a :class:`~diffquant.recipe.Recipe` or a named recipe (``diffquant recipes``).
         calibration: how to draw calibration data: ``None`` uses the recipe's
             :class:`~diffquant.recipe.CalibrationConfig` with the model's own sampler (built-in
@@ -194,13 +202,25 @@ def quantize(
             Ignored when the recipe needs no calibration (weight-only or dynamic activations).
         num_timesteps: the model's training time steps ``T`` (default: from the model, or 1000).
         progress: show a progress bar.
+        prompts, class_labels, pipeline_kwargs: pipelines only: the conditioning of the
+            calibration samples and more keywords for each pipeline call.
 
     Returns:
-        The model, with quantized modules and integer weights.
+        The model in eval mode, with quantized modules and integer weights.
     """
     from diffquant.calibrate import calibrate
+    from diffquant.integrations.pipelines import is_pipeline, quantize_pipeline
+
+    if is_pipeline(model):
+        return quantize_pipeline(
+            model, recipe, calibration, prompts=prompts, class_labels=class_labels,
+            pipeline_kwargs=pipeline_kwargs, progress=progress,
+        )  # fmt: skip
+    if prompts is not None or class_labels is not None or pipeline_kwargs is not None:
+        raise TypeError("prompts, class_labels and pipeline_kwargs apply to diffusers pipelines only")
 
     recipe = get_recipe(recipe)
+    model.eval()  # calibrate what inference runs: no dropout, no label dropout
     if isinstance(calibration, CalibrationConfig):
         recipe = recipe.replace(calibration=calibration)  # the saved recipe says what was done
     runner = calibration if callable(calibration) and not isinstance(calibration, CalibrationConfig) else None

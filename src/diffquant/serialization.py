@@ -29,13 +29,24 @@ def save_quantized(
     """Write a quantized model (from :func:`diffquant.quantize`) to ``out_dir`` atomically.
 
     Args:
-        model: the quantized model (it carries ``diffquant_recipe``).
+        model: the quantized model (it carries ``diffquant_recipe``), or a diffusers pipeline whose
+            denoiser was quantized (the denoiser is saved; load it back onto a freshly built pipeline).
         out_dir: target directory; replaced if it exists.
         model_name: built-in model name, so :func:`load_quantized` can rebuild it alone.
         extra: more metadata for ``meta.json`` (e.g. calibration time).
     """
     from safetensors.torch import save_file
 
+    from diffquant.integrations.pipelines import denoiser_name, is_pipeline
+
+    extra = dict(extra or {})
+    if is_pipeline(model):  # a pipeline is saved as its quantized denoiser
+        component = denoiser_name(model)
+        extra.update(pipeline_class=type(model).__name__, component=component)
+        model = getattr(model, component)
+    for attr, key in (("diffquant_timestep_scale", "timestep_scale"), ("diffquant_num_timesteps", "num_timesteps")):
+        if getattr(model, attr, None) is not None:
+            extra.setdefault(key, getattr(model, attr))
     recipe: Recipe | None = getattr(model, "diffquant_recipe", None)
     if recipe is None:
         raise ValueError("this model is not quantized (no diffquant_recipe); call diffquant.quantize first")
@@ -53,7 +64,7 @@ def save_quantized(
         (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
         meta = {"format_version": FORMAT_VERSION, "model": model_name, "model_class": type(model).__name__}
         meta["weight_bytes"] = weight_bytes(model)
-        meta.update(extra or {})
+        meta.update(extra)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
         os.chmod(tmp / "model.safetensors", 0o644)
@@ -95,17 +106,27 @@ def load_quantized(
 
     Args:
         path: the directory.
-        model: the float model to quantize into (default: the built-in model named in ``meta.json``).
-        num_timesteps: the model's ``T`` if not derivable from the model.
+        model: the float model to quantize into (default: the built-in model named in ``meta.json``),
+            or a freshly built diffusers pipeline (its denoiser is quantized in place; the pipeline is returned).
+        num_timesteps: the model's ``T`` if not derivable from the model (or saved with it).
 
     Raises:
         QuantizedDirError: missing or corrupt files, or a directory made for another model.
     """
+    from diffquant.integrations.pipelines import denoiser_name, is_pipeline
     from diffquant.models.builtin import WeightsError, load_builtin, load_state_file
     from diffquant.quantize import freeze, prepare
 
     path = Path(path)
     meta, recipe = read_meta(path)
+    if is_pipeline(model):
+        pipe = model
+        component = meta.get("component") or denoiser_name(pipe)
+        if not isinstance(getattr(pipe, component, None), nn.Module):
+            raise QuantizedDirError(f"{path} holds a quantized {component!r}, which {type(pipe).__name__} has not.")
+        load_quantized(path, getattr(pipe, component), num_timesteps)
+        return pipe
+    num_timesteps = num_timesteps or meta.get("num_timesteps")
     if model is None:
         if not meta.get("model"):
             raise QuantizedDirError(
@@ -132,6 +153,10 @@ def load_quantized(
             f"unexpected {unexpected[:3]}, {len(bad)} of another shape {bad[:3]}. Was it quantized from another model?"
         )
     model.load_state_dict(state)
+    if meta.get("timestep_scale") is not None:
+        model.diffquant_timestep_scale = float(meta["timestep_scale"])
+    if meta.get("num_timesteps") is not None:
+        model.diffquant_num_timesteps = int(meta["num_timesteps"])
     return model.eval()
 
 
