@@ -103,8 +103,24 @@ def test_demo_quick(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "fashion-unet" in html and "fashion-dit" in html and "<img" in html
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert {r["model"] for r in results["rows"]} == {"fashion-unet", "fashion-dit"}
+    assert {r["model"] for r in results["rows"]} == {"fashion-unet", "fashion-dit", "fashion-unet (w8a8-tdq)"}
+    q_row = results["rows"][-1]
+    assert q_row["psnr_vs_fp"] > 10 and q_row["n"] == 10
     assert (tmp_path / "demo" / "fashion-unet.png").is_file()
+    sub = tmp_path / "demo" / "fashion-unet-w8a8-tdq"
+    assert 'href="fashion-unet-w8a8-tdq/report.html"' in html
+    for name in ("report.html", "fp.png", "quantized.png", "step_sqnr.png", "ranges.png"):
+        assert (sub / name).is_file(), name
+    # the sub-report reused the demo's FP samples: its FP row is the demo's
+    fp = next(r for r in results["rows"] if r["model"] == "fashion-unet")
+    assert json.loads((sub / "results.json").read_text())["rows"][0]["fd"] == fp["fd"]
+
+
+def test_demo_without_quantization(tmp_path):
+    result = run("demo", "--quick", "--n", "10", "--no-quantize", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {r["model"] for r in results["rows"]} == {"fashion-unet", "fashion-dit"}
 
 
 def test_python_dash_m_entry_point():
@@ -243,6 +259,9 @@ def test_report_writes_page_and_figures(tmp_path):
     html = (tmp_path / "r" / "report.html").read_text()
     for src in ("fp.png", "quantized.png", "step_sqnr.png", "ranges.png"):
         assert f'src="{src}"' in html
+    # the two grids share a row (side by side); the heat map takes a whole row
+    assert html.index('src="fp.png"') < html.index('src="quantized.png"') < html.index('class="wide"')
+    assert '<figure class="wide"><img class="plot" src="ranges.png"' in html
     rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
     assert (
         rows[1]["psnr_vs_fp"] > 10 and len(json.loads((tmp_path / "r" / "results.json").read_text())["step_sqnr"]) == 3

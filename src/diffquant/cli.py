@@ -417,16 +417,19 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("diffquant-demo"),
     quick: Annotated[bool, typer.Option(help="Fewer samples and steps (under a minute).")] = False,
     n: Annotated[int | None, typer.Option(help="Samples per model (default 500, quick 100).")] = None,
+    quantize: Annotated[
+        bool, typer.Option(help="Also quantize fashion-unet with w8a8-tdq and report it against FP32.")
+    ] = True,
     threads: ThreadsOpt = None,
 ):
-    """Run the main job on the built-in models: sample, evaluate, write grids and an HTML report.
+    """Run the main job on the built-in models: sample, evaluate, quantize, write grids and HTML reports.
 
     Example: diffquant demo --out diffquant-demo
     """
     from diffquant.demo import run_demo
 
     _threads(threads)
-    report = _run(run_demo, out, quick=quick, n=n)
+    report = _run(run_demo, out, quick=quick, n=n, quantize=quantize)
     typer.echo(f"report: {report}")
 
 

@@ -16,15 +16,26 @@ from diffquant.models import DENOISERS, load_builtin
 from diffquant.report import save_grid, write_report
 from diffquant.sampling import sample
 
+DEMO_RECIPE = "w8a8-tdq"
+DEMO_MODEL = "fashion-unet"
 
-def run_demo(out: str | Path, quick: bool = False, n: int | None = None, progress: bool = True) -> Path:
-    """Sample and evaluate every built-in denoiser; write ``report.html``, grids and ``results.json``.
+
+def run_demo(
+    out: str | Path, quick: bool = False, n: int | None = None, progress: bool = True, quantize: bool = True
+) -> Path:
+    """Sample and evaluate every built-in denoiser, then quantize one and compare; write the reports.
+
+    The FP rows cover every built-in denoiser. Then ``fashion-unet`` is quantized with ``w8a8-tdq``
+    (calibrated on 32 FP trajectories, 16 with ``quick``), sampled from the same noise and scored;
+    its row joins the table and its own report (grids side by side, per-step error, activation
+    ranges) is written to ``out/fashion-unet-w8a8-tdq/report.html``.
 
     Args:
         out: output folder (created).
         quick: 100 samples with DDIM-20 instead of 500 with DDIM-50.
         n: samples per model (overrides the default).
         progress: show progress bars.
+        quantize: add the quantized model (default); ``False`` gives the FP rows only.
 
     Returns:
         Path of the HTML report.
@@ -37,13 +48,14 @@ def run_demo(out: str | Path, quick: bool = False, n: int | None = None, progres
         raise ValueError(f"the demo needs n >= 10 (one row per class), got {n}")
     evaluator = Evaluator()
     reference = load_reference()
-    rows, figures = [], []
+    rows, figures, fp_samples = [], [], {}
     for name in DENOISERS:
         model = load_builtin(name)
         start = time.perf_counter()
         images, labels = sample(model, n=n, steps=steps, sampler="ddim", seed=0, progress=progress)
         seconds = time.perf_counter() - start
         score = evaluator.score(images, labels)
+        fp_samples[name] = (images, labels)
         rows.append(
             {
                 "model": name,
@@ -58,12 +70,19 @@ def run_demo(out: str | Path, quick: bool = False, n: int | None = None, progres
         per_class = torch.cat([images[labels == c][:10] for c in range(len(CLASS_NAMES))])
         save_grid(per_class, out / f"{name}.png", ncol=10)
         figures.append((f"{name}.png", f"{name}: DDIM-{steps}, rows = {', '.join(CLASS_NAMES)}"))
+    links = []
+    if quantize:
+        rows.append(_quantized_row(out, n, steps, quick, fp_samples[DEMO_MODEL], evaluator, progress))
+        fp_row = next(r for r in rows if r["model"] == DEMO_MODEL)
+        rows[-1].update(fd_floor=fp_row["fd_floor"], params_m=fp_row["params_m"])
+        links.append((f"{DEMO_MODEL}-{DEMO_RECIPE}/report.html", f"{DEMO_MODEL} {DEMO_RECIPE} vs FP32: full report"))
     columns = [
         ("model", "model"),
         ("params_m", "params (M)"),
         ("fd", "FD ↓"),
         ("fd_floor", "FD of real test images"),
         ("class_consistency", "class consistency ↑"),
+        ("psnr_vs_fp", "PSNR vs FP (dB)"),
         ("n", "N"),
         ("steps", "DDIM steps"),
         ("ms_per_image", "ms / image"),
@@ -75,8 +94,40 @@ def run_demo(out: str | Path, quick: bool = False, n: int | None = None, progres
         "samples the classifier assigns to their conditioning class.",
         f"Machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
     ]
-    title = "diffquant demo: built-in models at full precision"
+    if quantize:
+        notes.insert(
+            1,
+            f"{DEMO_MODEL} ({DEMO_RECIPE}): 8-bit weights and activations, activation ranges a function of the "
+            "time step tabulated per step (Temporal Dynamic Quantization), calibrated on the FP model's own "
+            "trajectories; sampled from the same noise as the FP row, so PSNR compares image by image.",
+        )
+    title = "diffquant demo: built-in models, full precision and quantized"
     subtitle = f"Fashion-MNIST, DDIM-{steps}, eta 0, seed 0, {n} samples per model, classes balanced"
-    report = write_report(out / "report.html", title, subtitle, rows, columns, figures, notes)
+    report = write_report(out / "report.html", title, subtitle, rows, columns, figures, notes, links)
     (out / "results.json").write_text(json.dumps({"rows": rows, "quick": quick}, indent=2) + "\n")
     return report
+
+
+def _quantized_row(out: Path, n: int, steps: int, quick: bool, fp_samples, evaluator, progress: bool) -> dict:
+    """Quantize the demo model, write its report next to the demo's, return its table row."""
+    from diffquant.quantize import quantize
+    from diffquant.recipe import CalibrationConfig
+    from diffquant.report.quant_report import write_quant_report
+
+    start = time.perf_counter()
+    calibration = CalibrationConfig(selection="all", n_samples=16 if quick else 32, steps=steps, batch_size=32)
+    q = quantize(load_builtin(DEMO_MODEL), DEMO_RECIPE, calibration, progress=progress)
+    calibrate_s = time.perf_counter() - start
+    sub = out / f"{DEMO_MODEL}-{DEMO_RECIPE}"
+    start = time.perf_counter()
+    write_quant_report(
+        q, load_builtin(DEMO_MODEL), sub, DEMO_MODEL, DEMO_RECIPE, n=n, steps=steps, progress=progress,
+        fp_samples=fp_samples, evaluator=evaluator,
+    )  # fmt: skip
+    row = json.loads((sub / "results.json").read_text())["rows"][1]
+    return {
+        **row,
+        "steps": steps,
+        "calibration_s": calibrate_s,
+        "report_s": time.perf_counter() - start,
+    }

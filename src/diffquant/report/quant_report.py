@@ -47,18 +47,24 @@ def activation_ranges(model: nn.Module, n: int = 8, steps: int = 50) -> tuple[np
 
 def write_quant_report(
     quantized: nn.Module, fp: nn.Module, out: str | Path, name: str, recipe_name: str, n: int = 200,
-    steps: int = 50, progress: bool = True,
+    steps: int = 50, progress: bool = True, fp_samples: tuple | None = None, evaluator: Evaluator | None = None,
 ) -> Path:  # fmt: skip
     """Sample both models from identical noise, score them, plot the per-step error and the activation ranges.
 
     Writes ``report.html``, ``fp.png``, ``quantized.png``, ``step_sqnr.png``, ``ranges.png`` and
-    ``results.json`` into ``out``.
+    ``results.json`` into ``out``. ``fp_samples = (images, labels)`` reuses the FP model's samples
+    of this protocol (DDIM-``steps``, seed 0, ``n``) instead of drawing them again.
     """
+    per_class = min(10, n // len(CLASS_NAMES))
+    if per_class < 1:
+        raise ValueError(f"the report needs n >= {len(CLASS_NAMES)} (one image per class), got {n}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator()
+    evaluator = evaluator or Evaluator()
     kw = dict(n=n, steps=steps, sampler="ddim", seed=0, progress=progress)
-    fp_images, labels = sample(fp, **kw)
+    fp_images, labels = fp_samples if fp_samples is not None else sample(fp, **kw)
+    if fp_images.shape[0] != n:
+        raise ValueError(f"fp_samples holds {fp_images.shape[0]} images, the report samples n = {n}")
     q_images, _ = sample(quantized, **kw)
     fp_row = {"model": f"{name} (FP32)", **evaluator.score(fp_images, labels), "psnr_vs_fp": ""}
     q_row = {
@@ -66,9 +72,6 @@ def write_quant_report(
         **evaluator.score(q_images, labels),
         "psnr_vs_fp": psnr(q_images, fp_images),
     }
-    per_class = min(10, n // len(CLASS_NAMES))
-    if per_class < 1:
-        raise ValueError(f"the report needs n >= {len(CLASS_NAMES)} (one image per class), got {n}")
     for images, file in ((fp_images, "fp.png"), (q_images, "quantized.png")):
         grid = torch.cat([images[labels == c][:per_class] for c in range(len(CLASS_NAMES))])
         save_grid(grid, out / file, ncol=per_class)
@@ -91,8 +94,8 @@ def write_quant_report(
     figures = [
         ("fp.png", "full precision"),
         ("quantized.png", recipe_name),
-        ("step_sqnr.png", "error per denoising step"),
-        ("ranges.png", "activation range per layer and step (FP model)"),
+        ("step_sqnr.png", "error per denoising step", "plot"),
+        ("ranges.png", "activation range per layer and step (FP model)", "wide plot"),
     ]
     title = f"diffquant report: {name}, {recipe_name}"
     subtitle = "Samples from identical noise, quality against the data set, where the error comes from"
