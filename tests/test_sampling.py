@@ -96,3 +96,17 @@ def test_schedulers_have_requested_steps():
 
 def test_balanced_labels():
     assert balanced_labels(12, 10).tolist() == [*range(10), 0, 1]
+
+
+@pytest.mark.slow
+def test_ddim_and_dpm_solver_solve_the_same_ode_on_a_trained_model():
+    """DDIM (eta 0) and DPM-Solver++ integrate the same probability-flow ODE: from the same noise they
+    agree. diffusers' DDIM with clip_sample clips x0 but keeps eps, which broke this on the shipped
+    fashion-dit (14.9 dB at 50 steps, 40.5 dB without clipping) and made DDIM-50 worse than DDIM-20."""
+    from diffquant.eval.metrics import psnr
+    from diffquant.models import load_builtin
+
+    model = load_builtin("fashion-dit")
+    ddim, _ = sample(model, n=4, steps=30, sampler="ddim", progress=False)
+    dpm, _ = sample(model, n=4, steps=30, sampler="dpmsolver++", progress=False)
+    assert psnr(ddim, dpm) > 30

@@ -55,12 +55,17 @@ def make_scheduler(name: str, schedule: dict, steps: int):
     """A diffusers scheduler for the model's noise schedule, with ``steps`` timesteps set.
 
     Timesteps use "trailing" spacing (Lin et al. 2024), so the first step is at ``t = T - 1``.
+    DDIM does not clip its predicted ``x0``: diffusers' DDIM clips ``x0`` but keeps the unclipped
+    ``eps`` for the direction term, and on Fashion-MNIST (backgrounds at exactly -1, so ``x0`` is
+    clipped at every step) the mismatch accumulated with the step count: fashion-dit DDIM-50 FD 9.8
+    and class consistency 0.39 with clipping, 4.0 and 0.65 without (N = 100); DPM-Solver++ does not
+    clip either. The final images are clamped to ``[-1, 1]``.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     common = dict(schedule, timestep_spacing="trailing")
     if name == "ddim":
-        sched = DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True)
+        sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
     elif name == "ddpm":
         sched = DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
     elif name == "dpmsolver++":
