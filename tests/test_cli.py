@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diffquant.cli import EXIT_USER_ERROR, app
@@ -193,6 +194,11 @@ def test_export_onnx_from_a_quantized_directory(tmp_path):
 def test_bench_unknown_backend():
     assert_user_error(run("bench", "--backend", "tpu"), "Unknown backend", "cpu")
     assert_user_error(run("bench", "--sampling-steps", "-1"), "--sampling-steps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_bench_cuda_backend_without_a_gpu_is_a_clear_error():
+    assert_user_error(run("bench", "--backend", "cuda"), "no CUDA device", "--backend cpu")
 
 
 def test_unknown_recipe_lists_valid_names(tmp_path):

@@ -35,10 +35,23 @@ def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> floa
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a GPU call is timed to its end (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend runs: ``cuda`` for the GPU GEMM backend, else ``cpu``."""
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 def interleaved_ms(calls: dict[str, Callable[[int], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
@@ -106,7 +119,8 @@ def bench_forward(
     Args:
         fp: the full-precision built-in model.
         quantized: its quantized copy (from :func:`quantized_for_bench`, ``quantize`` or ``load_quantized``).
-        backend: ``reference`` (fake quant) or ``cpu`` (oneDNN int8).
+        backend: ``reference`` (fake quant), ``cpu`` (oneDNN int8) or ``cuda`` (int8 / FP8 GEMMs on
+            the GPU; both models are moved there, FP32 stays the baseline).
         batch: images per call.
         repeats: timed calls per variant (median reported).
         compile: also time ``torch.compile`` for FP32 and the backend; ``q_ms`` is then the compiled
@@ -120,7 +134,9 @@ def bench_forward(
     from diffquant.backends import lower
     from diffquant.serialization import weight_bytes
 
-    x, t, y = example_inputs(fp, batch)
+    device = backend_device(backend)
+    fp, quantized = fp.to(device), quantized.to(device)
+    x, t, y = (v.to(device) for v in example_inputs(fp, batch))
     result = {
         "recipe": quantized.diffquant_recipe.name,
         "backend": backend,
@@ -166,8 +182,11 @@ def bench_sampling(
     from diffquant.backends import lower
     from diffquant.sampling import sample
 
+    device = backend_device(backend)
+    fp, quantized = fp.to(device), quantized.to(device)
+
     def run(m):
-        return lambda: sample(m, batch, steps=steps, seed=0, batch_size=batch, progress=False)
+        return lambda: sample(m, batch, steps=steps, seed=0, batch_size=batch, progress=False, device=device)
 
     runner, _ = lower(copy.deepcopy(quantized), backend)
     result = {"steps": steps, "batch": batch, "sampler": "ddim", "repeats": repeats}

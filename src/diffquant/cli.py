@@ -319,7 +319,9 @@ def report(
 def bench(
     model: ModelOrSavedOpt = None,
     recipe: Annotated[str, typer.Option(help="Recipe to quantize with (ignored with --quantized).")] = "w8a7",
-    backend: Annotated[str, typer.Option(help="reference (fake quant) or cpu (oneDNN int8).")] = "cpu",
+    backend: Annotated[
+        str, typer.Option(help="reference (fake quant), cpu (oneDNN int8) or cuda (int8/FP8 GEMMs, NVIDIA GPU).")
+    ] = "cpu",
     batch: Annotated[int, typer.Option(help="Images per model call.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed calls per variant (median).")] = 5,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile.")] = True,
@@ -343,6 +345,13 @@ def bench(
 
     if backend not in BACKENDS:
         _fail(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    import torch
+
+    if backend == "cuda" and not torch.cuda.is_available():
+        _fail(
+            "the cuda backend times NVIDIA GPU kernels and this machine has no CUDA device; its numerics are "
+            "tested on the CPU (tests/backends/test_cuda.py). Use --backend cpu here."
+        )
     if batch < 1 or repeats < 1 or sampling_steps < 0:
         _fail("--batch and --repeats must be at least 1, --sampling-steps at least 0.")
     _threads(threads)

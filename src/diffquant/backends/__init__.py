@@ -1,7 +1,9 @@
 """Execution backends: run a quantized model on real integer kernels instead of fake quant.
 
 ``reference`` is the float fake-quant path every backend is tested against; ``cpu`` runs int8
-convolutions and matmuls on oneDNN (:mod:`diffquant.backends.cpu`).
+convolutions and matmuls on oneDNN (:mod:`diffquant.backends.cpu`); ``cuda`` runs them as int8
+GEMMs (``torch._int_mm``) and FP8 E4M3 GEMMs (``torch._scaled_mm``) on NVIDIA GPUs
+(:mod:`diffquant.backends.cuda`; the same code runs, slowly, on a CPU, for testing).
 
 Example:
     >>> from diffquant.backends import lower
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "cuda")
 
 
 def lower(model: nn.Module, backend: str = "cpu", **kwargs):
@@ -24,4 +26,8 @@ def lower(model: nn.Module, backend: str = "cpu", **kwargs):
         from diffquant.backends.cpu import lower as lower_cpu
 
         return lower_cpu(model, **kwargs)
+    if backend == "cuda":
+        from diffquant.backends.cuda import lower as lower_cuda
+
+        return lower_cuda(model, **kwargs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

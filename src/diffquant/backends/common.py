@@ -1,18 +1,30 @@
-"""What every integer backend checks before taking a quantized layer off the reference path."""
+"""What every integer backend shares: the eligibility check for integer kernels, and the per-step
+``[scale, zero_point]`` lookup that keeps one compiled graph for every step."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
+import torch
+from torch import nn
+
+from diffquant import primitives as P
 from diffquant.nn.modules import QuantConv2d, QuantModule
+from diffquant.nn.quantizer import ActQuantizer
+from diffquant.timestep import require_step
+
+HANDLES = itertools.count()  # integer handles of lowered layers and step lookups (custom-op arguments)
 
 
-def integer_obstacle(m: QuantModule, where: str) -> str | None:
+def integer_obstacle(m: QuantModule, where: str, per_token: bool = False) -> str | None:
     """Why ``m`` cannot run on integer kernels of ``where`` (e.g. "oneDNN"), or ``None`` when it can.
 
     Integer kernels take integer weights of at most 8 bits with one scale per output channel, and one
     integer activation scale per tensor (static, per step, or computed on the fly); backends add
-    their own limits on top.
+    their own limits on top. ``per_token=True``: the backend also takes dynamic per-token scales
+    (one per row of a GEMM, applied after it).
     """
     if not m.frozen:
         return "float weights (weight format none, or not frozen)"
@@ -32,10 +44,54 @@ def integer_obstacle(m: QuantModule, where: str) -> str | None:
             continue
         if not q.qtype.is_int:
             return f"{q.qtype} activations (no such kernel in {where})"
-        if q.granularity != "tensor":
+        if q.granularity != "tensor" and not (per_token and q.mode == "dynamic"):
             return f"per-token activation scales ({where} takes one scale per tensor)"
         if q.learnable:
             return "learnable TDQ generator (freeze it into its table first)"
         if not q._ready:
             return "uncalibrated activation scales"
     return None
+
+
+_QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("diffquant::step_qparams", mutates_args=())
+def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
+    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
+    q = _QUANTIZERS[handle]
+    b = q.bucket_list[require_step(q.name).timestep]
+    return torch.tensor(q.param_list[b], dtype=torch.float32, device=device_ref.device)
+
+
+@step_qparams.register_fake
+def _(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
+    return device_ref.new_empty(2, dtype=torch.float32)
+
+
+class StepQuantizer(nn.Module):
+    """A per-step (bucketed / TDQ) activation quantizer left in float, compile-friendly.
+
+    Its table lookup reads the current step in Python; traced by ``torch.compile`` that lookup would
+    specialise the graph on every step (and fail on the tensor index). Here only the lookup is an
+    opaque operator returning ``[scale, zero_point]``; the fake quant itself stays in the graph, where
+    Inductor fuses it with its neighbours, and one compiled graph serves all steps. Used for the
+    attention-matmul operands and the inputs of layers that stay on the reference path.
+    """
+
+    def __init__(self, quantizer: ActQuantizer):
+        super().__init__()
+        self.qtype, self.symmetric = quantizer.qtype, quantizer.symmetric
+        self.name = quantizer.name
+        self.bucket_list = quantizer.bucket_of_t.tolist()
+        scales, zero_points = quantizer.scale.tolist(), quantizer.zero_point.tolist()
+        self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
+        self.handle = next(HANDLES)
+        _QUANTIZERS[self.handle] = self
+        # the lookup's only tensor argument, for the device: not the activation, so that Inductor
+        # can still fuse the fake quant into the op producing it
+        self.register_buffer("device_ref", torch.zeros(0, device=quantizer.scale.device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
+        return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)

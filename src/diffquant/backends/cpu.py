@@ -27,7 +27,6 @@ speed of its fp32 ones (``benchmarks/cpu_kernels.md``): integer arithmetic there
 
 from __future__ import annotations
 
-import itertools
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -36,17 +35,18 @@ import torch
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import integer_obstacle
+from diffquant.backends.common import HANDLES, StepQuantizer, integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.timestep import require_step
+
+__all__ = ["Int8Conv2d", "Int8Linear", "LoweringError", "LoweringReport", "StepQuantizer", "lower"]
 
 # torch.quantize_per_tensor is the fast vectorised quantizer (20x the decomposed op); it warns that
 # quantized dtypes are deprecated: we only use it to compute uint8 codes, read out with int_repr.
 warnings.filterwarnings("ignore", message=r"torch.quantize_per_tensor.*deprecated", category=UserWarning)
 
 _LAYERS: weakref.WeakValueDictionary[int, _Kernel] = weakref.WeakValueDictionary()
-_HANDLES = itertools.count()
 
 
 class LoweringError(ValueError):
@@ -166,57 +166,13 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(kernel.out_shape(x))
 
 
-_QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValueDictionary()
-
-
-@torch.library.custom_op("diffquant::step_qparams", mutates_args=())
-def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
-    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
-    q = _QUANTIZERS[handle]
-    b = q.bucket_list[require_step(q.name).timestep]
-    return torch.tensor(q.param_list[b], dtype=torch.float32, device=device_ref.device)
-
-
-@step_qparams.register_fake
-def _(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
-    return device_ref.new_empty(2, dtype=torch.float32)
-
-
-class StepQuantizer(nn.Module):
-    """A per-step (bucketed / TDQ) activation quantizer left in float, compile-friendly.
-
-    Its table lookup reads the current step in Python; traced by ``torch.compile`` that lookup would
-    specialise the graph on every step (and fail on the tensor index). Here only the lookup is an
-    opaque operator returning ``[scale, zero_point]``; the fake quant itself stays in the graph, where
-    Inductor fuses it with its neighbours, and one compiled graph serves all steps. Used for the
-    attention-matmul operands and the inputs of layers that stay on the reference path.
-    """
-
-    def __init__(self, quantizer: ActQuantizer):
-        super().__init__()
-        self.qtype, self.symmetric = quantizer.qtype, quantizer.symmetric
-        self.name = quantizer.name
-        self.bucket_list = quantizer.bucket_of_t.tolist()
-        scales, zero_points = quantizer.scale.tolist(), quantizer.zero_point.tolist()
-        self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
-        self.handle = next(_HANDLES)
-        _QUANTIZERS[self.handle] = self
-        # the lookup's only tensor argument, for the device: not the activation, so that Inductor
-        # can still fuse the fake quant into the op producing it
-        self.register_buffer("device_ref", torch.zeros(0, device=quantizer.scale.device), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
-        return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
-
-
 class _Int8Layer(nn.Module):
     """Base of the lowered layers: holds its kernel and calls ``diffquant::int8_layer``."""
 
     def __init__(self, kernel: _Kernel, source: str):
         super().__init__()
         self.kernel = kernel
-        self.handle = next(_HANDLES)
+        self.handle = next(HANDLES)
         _LAYERS[self.handle] = kernel
         self.source = source
 
