@@ -45,6 +45,18 @@ def test_models_lists_builtins():
     result = run("models")
     assert result.exit_code == 0
     assert "fashion-unet" in result.output and "fashion-dit" in result.output
+    rows = json.loads(run("models", "--json").stdout.strip().splitlines()[-1])
+    assert {r["name"] for r in rows} >= {"fashion-unet", "fashion-dit", "fashion-features"}
+    assert all(r["weight_file_bytes"] > 0 for r in rows)
+
+
+def test_quantize_json_reports_sizes(tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["out"] == str(out) and info["recipe"] == "w8a8-dynamic" and (out / "model.safetensors").is_file()
+    assert 0.2 < info["q_weight_ratio"] < 0.35  # int8 weights with scales, biases and norms: about a quarter
 
 
 def test_sample_writes_png(tmp_path):

@@ -111,18 +111,26 @@ QuantizedOpt = Annotated[
 
 
 @app.command()
-def models():
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print the models as JSON.")] = False):
     """List the built-in models.
 
-    Example: diffquant models
+    Example: diffquant models --json
     """
     from diffquant.models import load_config, weights_path
 
+    rows = []
     for name in BUILTIN_MODELS:
         cfg = load_config(name)
         path = weights_path(name)
-        size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "weights missing"
-        typer.echo(f"{name:18s} {cfg['kind']:9s} {size}")
+        rows.append(
+            {"name": name, "kind": cfg["kind"], "weight_file_bytes": path.stat().st_size if path.is_file() else None}
+        )
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        size = f"{r['weight_file_bytes'] / 1e6:.1f} MB" if r["weight_file_bytes"] else "weights missing"
+        typer.echo(f"{r['name']:18s} {r['kind']:9s} {size}")
 
 
 @app.command()
@@ -228,6 +236,7 @@ def quantize_cmd(
     observer: Annotated[str | None, typer.Option(help="minmax, percentile or mse.")] = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")] = False,
 ):
     """Quantize a built-in model with a recipe, calibrating on its own sampling trajectory.
 
@@ -237,6 +246,7 @@ def quantize_cmd(
 
     from diffquant import quantize, save_quantized
     from diffquant.recipe import Recipe, get_recipe
+    from diffquant.serialization import weight_bytes
 
     _threads(threads)
     if Path(recipe).suffix == ".json":
@@ -251,10 +261,16 @@ def quantize_cmd(
         r = _run(r.replace, **changes)
     m = _denoiser(model, weights)
     start = time.perf_counter()
-    q = _run(quantize, m, r)
+    fp_bytes = weight_bytes(m)
+    q = _run(quantize, m, r, progress=not as_json)
     seconds = round(time.perf_counter() - start, 1)
     _run(save_quantized, q, out, model, {"quantize_seconds": seconds})
-    typer.echo(f"wrote {out} ({r.name}, {seconds} s)")
+    if as_json:
+        q_bytes = weight_bytes(q)
+        info = {"out": str(out), "model": model, "recipe": r.name, "seconds": seconds, "fp_weight_bytes": fp_bytes}
+        typer.echo(json.dumps(info | {"q_weight_bytes": q_bytes, "q_weight_ratio": round(q_bytes / fp_bytes, 4)}))
+    else:
+        typer.echo(f"wrote {out} ({r.name}, {seconds} s)")
 
 
 @app.command()
