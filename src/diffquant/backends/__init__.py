@@ -19,7 +19,16 @@ BACKENDS = ("reference", "cpu", "cuda")
 
 
 def lower(model: nn.Module, backend: str = "cpu", **kwargs):
-    """Prepare a quantized model for ``backend`` (in place). Returns ``(model, report or None)``."""
+    """Prepare a quantized model for ``backend`` (in place). Returns ``(model, report or None)``.
+
+    ``model`` may be a diffusers pipeline whose denoiser was quantized: its ``unet`` /
+    ``transformer`` is lowered and the pipeline returned.
+    """
+    from diffquant.integrations.pipelines import denoiser_name, is_pipeline
+
+    if is_pipeline(model):
+        _, report = lower(getattr(model, denoiser_name(model)), backend, **kwargs)
+        return model, report
     if backend == "reference":
         return model, None
     if backend == "cpu":
