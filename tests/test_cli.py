@@ -122,7 +122,7 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "demo" / "fashion-unet.png").is_file()
     sub = tmp_path / "demo" / "fashion-unet-w8a8-tdq"
     assert 'href="fashion-unet-w8a8-tdq/report.html"' in html
-    for name in ("report.html", "fp.png", "quantized.png", "step_sqnr.png", "ranges.png"):
+    for name in ("report.html", "fp.png", "quantized.png", "step_sqnr.png", "ranges.png", "tdq_intervals.png"):
         assert (sub / name).is_file(), name
     # the sub-report reused the demo's FP samples: its FP row is the demo's
     fp = next(r for r in results["rows"] if r["model"] == "fashion-unet")

@@ -198,6 +198,8 @@ def fit_tdq(quantizers: list[ActQuantizer], recipe: Recipe) -> list[float]:
     if not quantizers:
         return []
     pairs = [q.tdq_targets() for q in quantizers]
+    for q, pair in zip(quantizers, pairs, strict=True):
+        q.fit_targets = pair  # in memory, for plots (report.plots.plot_tdq_intervals); not saved
     errors = fit_generators(
         [q.generator for q in quantizers], [p[0] for p in pairs], [p[1] for p in pairs], iters=recipe.tdq_iters
     )

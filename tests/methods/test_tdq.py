@@ -123,3 +123,19 @@ def test_tdq_save_load_identical(tmp_path):
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q", model=tiny_model("unet"))
     assert torch.equal(loaded(x, t, y), out)
+
+
+def test_interval_plot_shows_table_and_per_step_optimum(tmp_path):
+    from diffquant.report.plots import plot_tdq_intervals
+
+    model = _tdq_model()
+    quantizers = [q for q in model.modules() if isinstance(q, ActQuantizer) and q.mode == "tdq"]
+    assert quantizers and all(q.fit_targets is not None for q in quantizers)
+    ts, ext = quantizers[0].fit_targets
+    assert len(ts) == CAL.steps and ext.shape == (CAL.steps, 2)
+    out = plot_tdq_intervals(quantizers, tmp_path / "intervals.png", k=4)
+    assert out.stat().st_size > 10_000
+    save_quantized(model, tmp_path / "q")  # the optima are not saved: a loaded model cannot draw it
+    loaded = load_quantized(tmp_path / "q", model=tiny_model("unet"))
+    with pytest.raises(ValueError, match=r"right after diffquant\.quantize"):
+        plot_tdq_intervals([q for q in loaded.modules() if isinstance(q, ActQuantizer)], tmp_path / "x.png")

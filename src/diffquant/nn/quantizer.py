@@ -84,6 +84,7 @@ class ActQuantizer(nn.Module):
         self._ready = mode == "dynamic"  # mirrors ``calibrated`` so the forward never reads a tensor
         self.observer: Observer | None = None
         self.observing = False
+        self.fit_targets = None  # (time steps, optimal extents) of the last TDQ fit, for plots; not saved
         self.enabled = True
 
     def extra_repr(self) -> str:

@@ -59,5 +59,63 @@ def plot_range_heatmap(amax: np.ndarray, layers: list[str], timesteps: list[int]
     return out
 
 
+def plot_tdq_intervals(quantizers: list, path: str | os.PathLike, k: int = 6) -> Path:
+    """TDQ's interval against the per-step optimum for the ``k`` layers whose optimum moves most over t.
+
+    ``quantizers``: TDQ :class:`~diffquant.nn.ActQuantizer` s that still hold ``fit_targets`` (set by
+    calibration in this process; not saved). Points: the observer's optimal clipping range at each
+    calibrated step; line: the interval the frozen table uses at every ``t``; dashed: the widest
+    per-step optimum, which one interval for all steps has to cover.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffquant import primitives as P
+
+    fitted = [q for q in quantizers if getattr(q, "fit_targets", None) is not None]
+    if not fitted:
+        raise ValueError(
+            "no TDQ quantizer with calibration targets: plot right after diffquant.quantize with a *-tdq recipe "
+            "(the per-step optima are not saved with the model)"
+        )
+
+    def spread(q):
+        hi = q.fit_targets[1][:, 1]
+        return float(hi.max() / hi.min().clamp_min(1e-12))
+
+    chosen = sorted(fitted, key=spread, reverse=True)[:k]
+    cols = min(3, len(chosen))
+    rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, q in zip(axes.flat, chosen, strict=False):
+        ts, ext = q.fit_targets
+        t_all = np.arange(q.scale.numel())
+        qmin, qmax = P.int_range(q.qtype, q.symmetric) if q.qtype.is_int else (-q.qtype.max_value, q.qtype.max_value)
+        scale, zp = q.scale.detach().cpu().numpy(), q.zero_point.detach().cpu().numpy()
+        ax.fill_between(t_all, (qmin - zp) * scale, (qmax - zp) * scale, color="#3465a4", alpha=0.25, lw=0)
+        ax.plot(t_all, (qmax - zp) * scale, color="#3465a4", lw=1.2, label="TDQ interval (table)")
+        ax.plot(t_all, (qmin - zp) * scale, color="#3465a4", lw=1.2)
+        ax.scatter(ts, ext[:, 1], s=6, color="#cc0000", label="per-step optimum", zorder=3)
+        ax.scatter(ts, -ext[:, 0], s=6, color="#cc0000", zorder=3)
+        ax.axhline(float(ext[:, 1].max()), color="#555753", ls="--", lw=0.8, label="widest optimum")
+        ax.axhline(float(-ext[:, 0].max()), color="#555753", ls="--", lw=0.8)
+        ax.set_xlim(int(ts.max()) + 10, int(ts.min()) - 10)
+        ax.set_title(_short(q.name, 44), fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(chosen) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(
+        "activation clipping range over t: TDQ's table vs the per-step optimum (time runs left to right)", fontsize=9
+    )
+    fig.tight_layout()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
 def _short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]

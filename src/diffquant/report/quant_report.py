@@ -12,9 +12,10 @@ from torch import nn
 from diffquant.data.fashion_mnist import CLASS_NAMES
 from diffquant.eval import Evaluator, per_step_sqnr, psnr
 from diffquant.eval.evaluate import load_reference
+from diffquant.nn.quantizer import ActQuantizer
 from diffquant.report.grid import save_grid
 from diffquant.report.html import write_report
-from diffquant.report.plots import plot_range_heatmap, plot_step_sqnr
+from diffquant.report.plots import plot_range_heatmap, plot_step_sqnr, plot_tdq_intervals
 from diffquant.sampling import sample
 from diffquant.timestep import current_step
 
@@ -52,7 +53,8 @@ def write_quant_report(
     """Sample both models from identical noise, score them, plot the per-step error and the activation ranges.
 
     Writes ``report.html``, ``fp.png``, ``quantized.png``, ``step_sqnr.png``, ``ranges.png`` and
-    ``results.json`` into ``out``. ``fp_samples = (images, labels)`` reuses the FP model's samples
+    ``results.json`` into ``out``, and ``tdq_intervals.png`` when ``quantized`` was quantized with a
+    TDQ recipe in this process (the per-step optima are not saved with a model). ``fp_samples = (images, labels)`` reuses the FP model's samples
     of this protocol (DDIM-``steps``, seed 0, ``n``) instead of drawing them again.
     """
     per_class = min(10, n // len(CLASS_NAMES))
@@ -97,6 +99,12 @@ def write_quant_report(
         ("step_sqnr.png", "error per denoising step", "plot"),
         ("ranges.png", "activation range per layer and step (FP model)", "wide plot"),
     ]
+    tdq = [q for q in quantized.modules() if isinstance(q, ActQuantizer) and q.fit_targets is not None]
+    if tdq:  # quantized in this process: the per-step optima of the TDQ fit are still there
+        plot_tdq_intervals(tdq, out / "tdq_intervals.png")
+        figures.append(
+            ("tdq_intervals.png", "TDQ interval vs per-step optimum (6 most step-dependent layers)", "wide plot")
+        )
     title = f"diffquant report: {name}, {recipe_name}"
     subtitle = "Samples from identical noise, quality against the data set, where the error comes from"
     page = write_report(out / "report.html", title, subtitle, rows, columns, figures, notes)
