@@ -11,14 +11,14 @@ from diffquant.backends import cpu as B
 from diffquant.backends import lower
 from diffquant.eval.metrics import sqnr
 from diffquant.models import load_builtin
-from diffquant.nn import QuantLinear, QuantModule
+from diffquant.nn import QuantLinear
 from diffquant.sampling import sample
 from diffquant.timestep import denoising_step
+from tests.backends.helpers import CAL, inputs, layer_inputs, quantized
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(not B.available(), reason="this PyTorch build has no oneDNN int8 operators")
 
-CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
 RECIPES = {
     "w8a7": get_recipe("w8a7"),
     "w8a7-tdq": get_recipe("w8a7-tdq").replace(calibration=dataclasses.asdict(CAL) | {"selection": "all"}),
@@ -29,44 +29,19 @@ RECIPES = {
 }
 
 
-def _inputs(model, t=500, n=3):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, *model.sample_shape, generator=g), torch.full((n,), t), torch.tensor([3, 10, 1][:n])
-
-
-def _quantized(kind, recipe):
-    cal = None if recipe.calibration.selection == "all" else CAL
-    return quantize(tiny_model(kind), recipe, cal, progress=False)
-
-
-def _layer_inputs(model, x, t, y) -> dict[str, torch.Tensor]:
-    """The input of every quantized layer in one reference forward."""
-    seen = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone()))
-        for name, m in model.named_modules()
-        if isinstance(m, QuantModule)
-    ]
-    with torch.no_grad():
-        model(x, t, y)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_lowered_model_matches_the_reference(kind, name):
-    q = _quantized(kind, RECIPES[name])
+    q = quantized(kind, RECIPES[name])
     lowered, report = lower(copy.deepcopy(q), "cpu")
     # everything but the weight-only conditioning layers (float activations) runs on int8 kernels
     assert report.lowered and all("float activations" in why for why in report.kept.values()), report.summary()
     for t in (999, 400, 10):
-        x, tt, y = _inputs(q, t)
+        x, tt, y = inputs(q, t)
         # layer by layer on the same inputs: the same integers, so equal up to float rounding, except
         # where x / s lands on a rounding tie and the two quantizers round it apart (one code, one step)
         layer_sqnr = {}
-        for layer, inp in _layer_inputs(q, x, tt, y).items():
+        for layer, inp in layer_inputs(q, x, tt, y).items():
             with torch.no_grad(), denoising_step(0, t, 1):
                 layer_sqnr[layer] = sqnr(q.get_submodule(layer)(inp), lowered.get_submodule(layer)(inp))
         assert min(layer_sqnr.values()) > 45, layer_sqnr  # saturation or a wrong scale: < 40 dB
@@ -78,7 +53,7 @@ def test_lowered_model_matches_the_reference(kind, name):
 
 
 def test_step_k_uses_table_entry_k():
-    q = _quantized("dit", RECIPES["bucketed-a6"])
+    q = quantized("dit", RECIPES["bucketed-a6"])
     lowered, _ = lower(copy.deepcopy(q), "cpu")
     layer_name = next(n for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.input_quantizer is not None)
     ref_layer, low_layer = q.get_submodule(layer_name), lowered.get_submodule(layer_name)
@@ -99,7 +74,7 @@ def test_step_k_uses_table_entry_k():
 
 
 def test_no_step_is_a_clear_error():
-    q = _quantized("dit", RECIPES["bucketed-a6"])
+    q = quantized("dit", RECIPES["bucketed-a6"])
     lowered, _ = lower(copy.deepcopy(q), "cpu")
     layer = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
     with pytest.raises(RuntimeError, match="no current time step"):
@@ -126,22 +101,22 @@ def test_saturation_rule():
 
 
 def test_saturating_layers_stay_on_the_reference_path_when_exact():
-    q = _quantized("dit", get_recipe("w8a8"))
+    q = quantized("dit", get_recipe("w8a8"))
     lowered, report = lower(copy.deepcopy(q), "cpu", exact=True)
     assert not report.lowered and report.kept
     assert all("saturate" in why or "float activations" in why for why in report.kept.values())
     assert any("saturate" in why for why in report.kept.values())
-    x, t, y = _inputs(q)
+    x, t, y = inputs(q)
     with torch.no_grad():
         assert torch.equal(q(x, t, y), lowered(x, t, y))
 
 
 def test_unsupported_layers_are_reported_not_broken():
-    q = _quantized("unet", get_recipe("w4a8"))  # int4 in groups of 64: no per-channel kernel
+    q = quantized("unet", get_recipe("w4a8"))  # int4 in groups of 64: no per-channel kernel
     lowered, report = lower(copy.deepcopy(q), "cpu")
     assert any("per-group" in why for why in report.kept.values())
     assert "reference path" in report.summary()
-    x, t, y = _inputs(q)
+    x, t, y = inputs(q)
     with torch.no_grad():
         assert sqnr(q(x, t, y), lowered(x, t, y)) > 25
 
@@ -152,7 +127,7 @@ def test_unquantized_model_is_refused():
 
 
 def test_custom_op_passes_opcheck():
-    q = _quantized("unet", RECIPES["w8a7"])
+    q = quantized("unet", RECIPES["w8a7"])
     lowered, _ = lower(copy.deepcopy(q), "cpu")
     split = next(m for m in lowered.modules() if isinstance(m, B.Int8Conv2d) and len(m.kernel.parts) == 2)
     lin = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
@@ -163,7 +138,7 @@ def test_custom_op_passes_opcheck():
 
 
 def test_compiled_lowered_model_is_one_graph_for_every_step():
-    q = _quantized("dit", RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
+    q = quantized("dit", RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
     lowered, report = lower(copy.deepcopy(q), "cpu")
     assert report.step_quantizers  # the attention operands: float, their lookup behind an opaque op
     for name in report.step_quantizers:  # make step 10's entries far from the others: a folded lookup shows
@@ -171,7 +146,7 @@ def test_compiled_lowered_model_is_one_graph_for_every_step():
         sq.param_list[sq.bucket_list[10]][0] *= 4
     torch._dynamo.reset()
     compiled = torch.compile(lowered.forward, fullgraph=True, dynamic=False)  # fullgraph: a break is an error
-    x, _, y = _inputs(q)
+    x, _, y = inputs(q)
     with torch.no_grad():
         for i, t in enumerate((999, 500, 10)):
             tt = torch.full((x.shape[0],), t)

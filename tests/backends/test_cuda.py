@@ -15,12 +15,11 @@ from diffquant.backends import cuda as G
 from diffquant.backends import lower
 from diffquant.eval.metrics import sqnr
 from diffquant.models import load_builtin
-from diffquant.nn import QuantModule
 from diffquant.sampling import sample
 from diffquant.timestep import denoising_step
+from tests.backends.helpers import CAL, inputs, layer_inputs, quantized
 from tests.conftest import tiny_model
 
-CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
 ALL = dataclasses.asdict(CAL) | {"selection": "all"}
 RECIPES = {
     "w8a8": get_recipe("w8a8"),  # unsigned 8-bit activations: the q - 128 shift
@@ -34,34 +33,10 @@ RECIPES = {
 }
 
 
-def _inputs(model, t=500, n=3):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, *model.sample_shape, generator=g), torch.full((n,), t), torch.tensor([3, 10, 1][:n])
-
-
-def _quantized(kind, recipe):
-    cal = None if recipe.calibration.selection == "all" else CAL
-    return quantize(tiny_model(kind), recipe, cal, progress=False)
-
-
-def _layer_inputs(model, x, t, y) -> dict[str, torch.Tensor]:
-    seen = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone()))
-        for name, m in model.named_modules()
-        if isinstance(m, QuantModule)
-    ]
-    with torch.no_grad():
-        model(x, t, y)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_lowered_model_matches_the_reference(kind, name):
-    q = _quantized(kind, RECIPES[name])
+    q = quantized(kind, RECIPES[name])
     lowered, report = lower(copy.deepcopy(q), "cuda")
     assert report.lowered, report.summary()
     # all but the weight-only conditioning layers (float activations) and per-token dynamic convs
@@ -70,9 +45,9 @@ def test_lowered_model_matches_the_reference(kind, name):
     if kind == "unet" and name != "dynamic-token":
         assert any(".conv1" in n and "up_blocks" in n for n in report.lowered), "shortcut-split convs lowered"
     for t in (999, 400, 10):
-        x, tt, y = _inputs(q, t)
+        x, tt, y = inputs(q, t)
         # the same codes as the reference (same rounding), integer sums: equal up to float summation order
-        for layer, inp in _layer_inputs(q, x, tt, y).items():
+        for layer, inp in layer_inputs(q, x, tt, y).items():
             if layer not in report.lowered:
                 continue
             with torch.no_grad(), denoising_step(0, t, 1):
@@ -100,11 +75,11 @@ def test_sampled_images_match_the_reference_on_a_shipped_model(model, recipe):
 
 def test_step_k_uses_table_entry_k():
     """A bucketed model's lowered layer uses each step's own scale: swap the steps and it breaks."""
-    q = _quantized("dit", RECIPES["bucketed-a6"])
+    q = quantized("dit", RECIPES["bucketed-a6"])
     lowered, report = lower(copy.deepcopy(q), "cuda")
     name = next(n for n in report.lowered if "ff" in n or "attn" in n)
-    x, tt, y = _inputs(q, 999)
-    inp = _layer_inputs(q, x, tt, y)[name]
+    x, tt, y = inputs(q, 999)
+    inp = layer_inputs(q, x, tt, y)[name]
     with torch.no_grad():
         with denoising_step(0, 999, 2):
             ref_early, out_early = q.get_submodule(name)(inp), lowered.get_submodule(name)(inp)
@@ -115,7 +90,7 @@ def test_step_k_uses_table_entry_k():
 
 
 def test_per_group_weights_and_unquantized_models_are_reported():
-    q = _quantized("dit", get_recipe("w4a8"))  # per-group int4 weights
+    q = quantized("dit", get_recipe("w4a8"))  # per-group int4 weights
     _, report = lower(copy.deepcopy(q), "cuda")
     assert any("per-group" in why for why in report.kept.values())
     with pytest.raises(G.LoweringError, match="quantize it first"):
@@ -149,11 +124,11 @@ def test_padding_keeps_odd_shapes_exact():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["w8a8-tdq", "fp8"])
 def test_compiled_on_gpu_matches_the_reference(name):
-    q = _quantized("unet", RECIPES[name])
+    q = quantized("unet", RECIPES[name])
     lowered, _ = lower(copy.deepcopy(q).cuda(), "cuda")
     compiled = torch.compile(lowered, fullgraph=False)
     for t in (999, 10):
-        x, tt, y = _inputs(q, t, n=32)
+        x, tt, y = inputs(q, t, n=32)
         with torch.no_grad():
             ref = q(x, tt, y)
             out = compiled(x.cuda(), tt.cuda(), y.cuda()).cpu()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,6 +15,11 @@ from diffquant import primitives as P
 from diffquant.nn.modules import QuantConv2d, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.timestep import require_step
+
+
+class LoweringError(ValueError):
+    """A model cannot be lowered (e.g. it has no frozen quantized layers)."""
+
 
 HANDLES = itertools.count()  # integer handles of lowered layers and step lookups (custom-op arguments)
 
@@ -95,3 +101,23 @@ class StepQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
         return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
+
+
+@dataclass
+class LoweringReport:
+    """What :func:`lower` did: layers on integer kernels, and the others with the reason."""
+
+    kernels: str = "integer kernels"  # what the lowered layers run on, for the summary
+    lowered: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    step_quantizers: list[str] = field(default_factory=list)  # float per-step quantizers behind one op
+
+    def summary(self) -> str:
+        lines = [f"{len(self.lowered)} layers on {self.kernels}, {len(self.kept)} on the float reference path"]
+        reasons: dict[str, int] = {}
+        for r in self.kept.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        lines += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+        if self.step_quantizers:
+            lines.append(f"{len(self.step_quantizers)} per-step activation quantizers (attention operands...) in float")
+        return "\n".join(lines)

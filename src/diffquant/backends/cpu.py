@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import HANDLES, StepQuantizer, integer_obstacle
+from diffquant.backends.common import HANDLES, LoweringError, LoweringReport, StepQuantizer, integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.timestep import require_step
@@ -47,10 +47,6 @@ __all__ = ["Int8Conv2d", "Int8Linear", "LoweringError", "LoweringReport", "StepQ
 warnings.filterwarnings("ignore", message=r"torch.quantize_per_tensor.*deprecated", category=UserWarning)
 
 _LAYERS: weakref.WeakValueDictionary[int, _Kernel] = weakref.WeakValueDictionary()
-
-
-class LoweringError(ValueError):
-    """A model cannot be lowered (e.g. it has no frozen quantized layers)."""
 
 
 def available() -> bool:
@@ -191,25 +187,6 @@ class Int8Linear(_Int8Layer):
     """A frozen :class:`QuantLinear` on oneDNN's int8 matmul."""
 
 
-@dataclass
-class LoweringReport:
-    """What :func:`lower` did: layers on integer kernels, and the others with the reason."""
-
-    lowered: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
-    step_quantizers: list[str] = field(default_factory=list)  # float per-step quantizers behind one op
-
-    def summary(self) -> str:
-        lines = [f"{len(self.lowered)} layers on int8 kernels, {len(self.kept)} on the float reference path"]
-        reasons: dict[str, int] = {}
-        for r in self.kept.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        lines += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
-        if self.step_quantizers:
-            lines.append(f"{len(self.step_quantizers)} per-step activation quantizers (attention operands...) in float")
-        return "\n".join(lines)
-
-
 def vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX)."""
     try:
@@ -301,7 +278,7 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
     if not targets:
         raise LoweringError("the model has no quantized layers: quantize it first (diffquant.quantize)")
     exact = not vnni() if exact is None else exact
-    report = LoweringReport()
+    report = LoweringReport(kernels="int8 kernels")
     for name, m in targets:
         why = _why_not(m, exact)
         if why is not None:

@@ -31,22 +31,17 @@ multiples of 16) with zeros, which changes no sum.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import StepQuantizer, integer_obstacle
+from diffquant.backends.common import LoweringError, LoweringReport, StepQuantizer, integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 
-__all__ = ["GemmConv2d", "GemmLinear", "LoweringReport", "lower"]
-
-
-class LoweringError(ValueError):
-    """A model cannot be lowered (e.g. it has no frozen quantized layers)."""
+__all__ = ["GemmConv2d", "GemmLinear", "LoweringError", "LoweringReport", "lower"]
 
 
 def _fp8(m: QuantModule) -> bool:
@@ -226,23 +221,6 @@ def _taps(conv: dict) -> int:
     return conv["kernel_size"][0] * conv["kernel_size"][1]
 
 
-@dataclass
-class LoweringReport:
-    """What :func:`lower` did: layers on the GEMMs, and the others with the reason."""
-
-    lowered: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
-    step_quantizers: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [f"{len(self.lowered)} layers on int8/fp8 GEMMs, {len(self.kept)} on the float reference path"]
-        reasons: dict[str, int] = {}
-        for r in self.kept.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        lines += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
-        return "\n".join(lines)
-
-
 @torch.no_grad()
 def lower(model: nn.Module) -> tuple[nn.Module, LoweringReport]:
     """Swap the model's quantized layers for GEMM layers (in place), on the device the model is on.
@@ -256,7 +234,7 @@ def lower(model: nn.Module) -> tuple[nn.Module, LoweringReport]:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
     if not targets:
         raise LoweringError("the model has no quantized layers: quantize it first (diffquant.quantize)")
-    report = LoweringReport()
+    report = LoweringReport(kernels="int8/fp8 GEMMs")
     for name, m in targets:
         why = why_not(m)
         if why is not None:
