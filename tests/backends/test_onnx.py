@@ -7,7 +7,7 @@ from torch import nn
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from diffquant import CalibrationConfig, get_recipe, quantize
+from diffquant import get_recipe, quantize
 from diffquant.backends import onnx as X
 from diffquant.eval.metrics import sqnr
 from diffquant.models import load_builtin
@@ -15,9 +15,9 @@ from diffquant.nn import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.modules import make_input_quantizer
 from diffquant.sampling import sample
 from diffquant.timestep import denoising_step
+from tests.backends.helpers import CAL
 from tests.conftest import SCHEDULE, tiny_model
 
-CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
 RECIPES = {
     "w8a7": get_recipe("w8a7"),
     "bucketed-a6": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
