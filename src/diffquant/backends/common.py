@@ -24,19 +24,21 @@ class LoweringError(ValueError):
 HANDLES = itertools.count()  # integer handles of lowered layers and step lookups (custom-op arguments)
 
 
-def integer_obstacle(m: QuantModule, where: str, per_token: bool = False) -> str | None:
+def integer_obstacle(m: QuantModule, where: str, per_token: bool = False, fp8: bool = False) -> str | None:
     """Why ``m`` cannot run on integer kernels of ``where`` (e.g. "oneDNN"), or ``None`` when it can.
 
     Integer kernels take integer weights of at most 8 bits with one scale per output channel, and one
     integer activation scale per tensor (static, per step, or computed on the fly); backends add
     their own limits on top. ``per_token=True``: the backend also takes dynamic per-token scales
-    (one per row of a GEMM, applied after it).
+    (one per row of a GEMM, applied after it). ``fp8=True``: it also takes FP8 E4M3 weights with FP8
+    activations (per tensor), the float counterpart of the same layout.
     """
     if not m.frozen:
         return "float weights (weight format none, or not frozen)"
-    if m.weight_qtype.kind == "float":
+    float_weights = m.weight_qtype.kind == "float"
+    if float_weights and not fp8:
         return f"fp8 weights (no fp8 kernel in {where})"
-    if m.weight_qtype.bits > 8:
+    if not float_weights and m.weight_qtype.bits > 8:
         return f"{m.weight_qtype} weights"
     k = math.prod(m.weight_shape.tolist()[1:])
     if m.weight_scale.shape[1] != 1 or int(m.weight_group) < k:
@@ -48,9 +50,9 @@ def integer_obstacle(m: QuantModule, where: str, per_token: bool = False) -> str
     for q in (m.input_quantizer, m.input_quantizer_2):
         if q is None:
             continue
-        if not q.qtype.is_int:
-            return f"{q.qtype} activations (no such kernel in {where})"
-        if q.granularity != "tensor" and not (per_token and q.mode == "dynamic"):
+        if q.qtype.is_int == float_weights:  # integer x integer, or fp8 x fp8
+            return f"{m.weight_qtype} weights with {q.qtype} activations (no such kernel in {where})"
+        if q.granularity != "tensor" and not (per_token and q.mode == "dynamic" and not float_weights):
             return f"per-token activation scales ({where} takes one scale per tensor)"
         if q.learnable:
             return "learnable TDQ generator (freeze it into its table first)"

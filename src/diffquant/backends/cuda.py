@@ -50,27 +50,7 @@ def _fp8(m: QuantModule) -> bool:
 
 def why_not(m: QuantModule) -> str | None:
     """Why ``m`` cannot run on this backend's GEMMs, or ``None`` when it can."""
-    if isinstance(m, QuantConv2d) and m.groups != 1:
-        return "grouped convolution"
-    if not _fp8(m):
-        why = integer_obstacle(m, "CUDA int8 GEMMs", per_token=isinstance(m, QuantLinear))
-        if why is None and any(q is not None and q.qtype.bits > 8 for q in (m.input_quantizer, m.input_quantizer_2)):
-            return "activations wider than 8 bits"
-        return why
-    if m.weight_scale.shape[1] != 1 or int(m.weight_group) < int(m.weight_shape[1:].prod()):
-        return "per-group fp8 weight scales (the FP8 GEMM takes one scale per output channel)"
-    if m.input_quantizer is None:
-        return "float activations (the recipe leaves this layer's input unquantized)"
-    for q in (m.input_quantizer, m.input_quantizer_2):
-        if q is None:
-            continue
-        if q.qtype.kind != "float":
-            return f"fp8 weights with {q.qtype} activations"
-        if q.granularity != "tensor":
-            return "per-token fp8 activation scales"
-        if q.learnable or not q._ready:
-            return "learnable or uncalibrated activation scales"
-    return None
+    return integer_obstacle(m, "the CUDA GEMMs", per_token=isinstance(m, QuantLinear), fp8=True)
 
 
 class _Input(nn.Module):
@@ -92,9 +72,10 @@ class _Input(nn.Module):
         self.register_buffer("static_zp", q.zero_point.reshape(-1)[0].float().clone() if static else None)
         self.register_buffer("weight", w)  # (N_padded, K_padded): int8 codes or float8_e4m3fn
         self.register_buffer("colsum", colsum)  # (N_padded,) float32 column sums of the int8 codes
+        self.register_buffer("one", torch.ones(()) if self.fp8 else None)  # _scaled_mm's weight scale
 
     def params(self, x: torch.Tensor):
-        """``(scale, zero point)`` for ``x``: Python floats (static), 0-d tensors (per step, per tensor) or ``(M, 1)``."""
+        """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or ``(M, 1)`` for per-token dynamic scales."""
         if self.mode == "dynamic":
             lo, hi = P.dynamic_range(x, self.granularity, -1)
             return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
@@ -113,19 +94,21 @@ def _pad(t: torch.Tensor, dim: int, multiple: int, minimum: int = 0) -> torch.Te
     return F.pad(t, pad)
 
 
-def _gemm(part: _Input, x2: torch.Tensor) -> torch.Tensor:
-    """``x2 (M, K)`` float through the part's quantizer and GEMM: float32 ``(M, N_padded)`` before weight scales."""
-    scale, zp = part.params(x2)
-    m = x2.shape[0]
+def _quantize(part: _Input, x: torch.Tensor, scale, zp) -> torch.Tensor:
+    """The part's codes of ``x`` as float: integer codes on the grid, or E4M3 values (as the reference rounds)."""
     if part.fp8:
-        x8 = torch.clamp(x2 / scale, -448.0, 448.0).to(torch.float8_e4m3fn)
-        x8 = _pad(x8.view(torch.uint8), 1, 16).view(torch.float8_e4m3fn)  # pad as bytes: F.pad has no fp8
-        one = torch.ones((), device=x2.device)
-        s = torch.as_tensor(scale, dtype=torch.float32, device=x2.device)
-        return torch._scaled_mm(x8, part.weight.t(), scale_a=s, scale_b=one, out_dtype=torch.float32)
-    codes = P.quantize_int(x2, scale, zp, part.qmin, part.qmax) - part.shift
-    q = _pad(_pad(codes.to(torch.int8), 1, 8), 0, 1, minimum=17)
-    acc = torch._int_mm(q, part.weight.t())[:m]
+        return torch.clamp(x / scale, -448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32)
+    return P.quantize_int(x, scale, zp, part.qmin, part.qmax)
+
+
+def _gemm(part: _Input, codes: torch.Tensor, scale, zp) -> torch.Tensor:
+    """Codes ``(M, K)`` (from :func:`_quantize`) times the part's weight: float32 ``(M, N_padded)``, before weight scales."""
+    if part.fp8:
+        x8 = _pad(codes.to(torch.float8_e4m3fn).view(torch.uint8), 1, 16).view(torch.float8_e4m3fn)  # F.pad has no fp8
+        s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
+        return torch._scaled_mm(x8, part.weight.t(), scale_a=s, scale_b=part.one, out_dtype=torch.float32)
+    q = _pad(_pad((codes - part.shift).to(torch.int8), 1, 8), 0, 1, minimum=17)
+    acc = torch._int_mm(q, part.weight.t())[: codes.shape[0]]
     return (acc.to(torch.float32) - (zp - part.shift) * part.colsum) * scale
 
 
@@ -173,7 +156,11 @@ class GemmLinear(_GemmLayer):
         x2 = x.reshape(-1, x.shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
-        acc = sum(_gemm(p, x2[:, lo:hi]) for p, (lo, hi) in zip(self.parts, self.splits, strict=True))
+        acc = 0
+        for part, (lo, hi) in zip(self.parts, self.splits, strict=True):
+            xp = x2[:, lo:hi]
+            scale, zp = part.params(xp)
+            acc = acc + _gemm(part, _quantize(part, xp, scale, zp), scale, zp)
         return self._finish(acc).reshape(*lead, self.out_features).to(x.dtype)
 
 
@@ -199,22 +186,13 @@ class GemmConv2d(_GemmLayer):
         return y.reshape(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow)
 
     def _part(self, part: _Input, x: torch.Tensor) -> torch.Tensor:
-        # quantize the image once, then unfold the codes; zero padding must mean "value 0", i.e. the
-        # zero point, so unfold the codes centred on it and add it back
+        # quantize the image once, then unfold the codes. The convolution's zero padding must mean the
+        # value 0, i.e. the zero point: unfold the codes centred on it and add it back (fp8: 0 is 0)
         scale, zp = part.params(x)
-        if part.fp8:
-            codes = torch.clamp(x / scale, -448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32)
-            cols = F.unfold(codes, **self.conv).transpose(1, 2).reshape(-1, codes.shape[1] * _taps(self.conv))
-            x8 = _pad(cols.to(torch.float8_e4m3fn).view(torch.uint8), 1, 16).view(torch.float8_e4m3fn)
-            one = torch.ones((), device=x.device)
-            s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-            return torch._scaled_mm(x8, part.weight.t(), scale_a=s, scale_b=one, out_dtype=torch.float32)
-        centred = P.quantize_int(x, scale, zp, part.qmin, part.qmax) - zp
-        cols = F.unfold(centred, **self.conv).transpose(1, 2).reshape(-1, x.shape[1] * _taps(self.conv))
-        q = _pad(_pad((cols + (zp - part.shift)).to(torch.int8), 1, 8), 0, 1, minimum=17)
-        m = cols.shape[0]
-        acc = torch._int_mm(q, part.weight.t())[:m]
-        return (acc.to(torch.float32) - (zp - part.shift) * part.colsum) * scale
+        codes = _quantize(part, x, scale, zp)
+        centre = 0.0 if part.fp8 else zp
+        cols = F.unfold(codes - centre, **self.conv).transpose(1, 2).reshape(-1, x.shape[1] * _taps(self.conv))
+        return _gemm(part, cols + centre, scale, zp)
 
 
 def _taps(conv: dict) -> int:
