@@ -57,9 +57,9 @@ def make_scheduler(name: str, schedule: dict, steps: int):
     Timesteps use "trailing" spacing (Lin et al. 2024), so the first step is at ``t = T - 1``.
     DDIM does not clip its predicted ``x0``: diffusers' DDIM clips ``x0`` but keeps the unclipped
     ``eps`` for the direction term, and on Fashion-MNIST (backgrounds at exactly -1, so ``x0`` is
-    clipped at every step) the mismatch accumulated with the step count: fashion-dit DDIM-50 FD 9.8
-    and class consistency 0.39 with clipping, 4.0 and 0.65 without (N = 100); DPM-Solver++ does not
-    clip either. The final images are clamped to ``[-1, 1]``.
+    clipped at every step) the mismatch accumulated with the step count: shipped fashion-dit DDIM-50
+    FD 7.88 and class consistency 0.47 with clipping, 3.22 and 0.69 without, DPM-Solver++-50 3.33 and
+    0.69 (N = 100, ``benchmarks/results/ddim_clip.md``). The final images are clamped to ``[-1, 1]``.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
