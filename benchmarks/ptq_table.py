@@ -17,6 +17,17 @@ Methods:
              the per-step optimal ranges (all steps observed, L_2.4 search)
     dynamic  per-token dynamic activation scales (no calibration data)
     dynamic-tensor  per-tensor dynamic activation scales
+    default  the named recipe as it ships (uniform steps, L_2.4 search, shortcut split): the
+             "no smoothing" / "uniform bits" reference of the rows below
+    smoothquant      default + SmoothQuant, alpha searched per layer by output error
+    smoothquant-0.8  default + SmoothQuant with a fixed alpha of 0.8
+    minmax   all steps observed, min-max over all of them
+    percentile  TensorRT's Percentile Quant: per-step amax, mean over the first 100 % of the steps
+    mixed-4.5   default with mixed-precision weights at an average of 4.5 nominal bits (layers
+             move from the row's weight format to int8 by measured sensitivity)
+
+With --seed-noise the FP model is evaluated a second time from other seeds (``FP32 (seed 1)``):
+the FD difference between the two FP rows is the sampling noise of the FD at this N.
 """
 
 from __future__ import annotations
@@ -55,6 +66,14 @@ METHODS = {
     "tdq": dict(observer="mse", act_mode="tdq", calibration={"selection": "all"}),
     "dynamic": dict(act_mode="dynamic", act_granularity="token"),
     "dynamic-tensor": dict(act_mode="dynamic", act_granularity="tensor"),
+    "default": dict(),
+    "smoothquant": dict(smoothquant=True),
+    "smoothquant-0.8": dict(smoothquant=True, smoothquant_alpha=0.8),
+    "minmax": dict(observer="minmax", calibration={"selection": "all"}),
+    "percentile": dict(
+        observer="step-percentile", step_percentile=1.0, step_reduction="mean", calibration={"selection": "all"}
+    ),
+    "mixed-4.5": dict(weight_bits_budget=4.5),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 
@@ -62,8 +81,7 @@ DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 def recipe_for(bits: str, method: str, n_calib: int):
     base = get_recipe(BITS[bits])
     changes = dict(METHODS[method])
-    if "calibration" in changes:
-        changes["calibration"] = {**changes["calibration"], "n_samples": n_calib}
+    changes["calibration"] = {**changes.get("calibration", {}), "n_samples": n_calib}
     return base.replace(name=f"{BITS[bits]}-{method}", **changes)
 
 
@@ -78,6 +96,10 @@ def main() -> None:
     parser.add_argument(
         "--sampler", default="ddim", help="evaluation sampler; calibration keeps the recipe's (DDIM-50)"
     )
+    parser.add_argument(
+        "--rows", nargs="+", default=None, metavar="BITS:METHOD", help="explicit rows (instead of --bits x --methods)"
+    )
+    parser.add_argument("--seed-noise", action="store_true", help="add an FP row from other seeds (FD noise)")
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/ptq_table_n{N})")
     args = parser.parse_args()
     suffix = "" if (args.sampler, args.steps) == ("ddim", 50) else f"_{args.sampler}{args.steps}"
@@ -95,6 +117,18 @@ def main() -> None:
         sampler=args.sampler,
         fd_floor=load_reference()["fd_test_vs_train"].get(str(args.n)),
     )
+    if args.rows:
+        pairs = [tuple(r.split(":", 1)) for r in args.rows]
+        bad = [
+            r
+            for r, pair in zip(args.rows, pairs, strict=True)
+            if len(pair) != 2 or pair[0].upper() not in BITS or pair[1] not in METHODS
+        ]
+        if bad:
+            parser.error(f"--rows takes BITS:METHOD with BITS in {list(BITS)} and METHOD in {list(METHODS)}; got {bad}")
+        pairs = [(b.upper(), m) for b, m in pairs]
+    else:
+        pairs = [(b, m) for b in args.bits for m in args.methods]
     done = {(r["model"], r["bits"], r["method"]) for r in record["rows"]}
     evaluator = Evaluator()
     kw = dict(n=args.n, steps=args.steps, sampler=args.sampler, seed=0, progress=False)
@@ -107,36 +141,50 @@ def main() -> None:
         write_markdown(record, out.with_suffix(".md"))
 
     for name in args.models:
+        # the FP images of this protocol are cached beside the results (not committed), so a resumed or
+        # split run compares every row with the same FP images without sampling them again
+        cache = out.parent / f".{out.name}_{name}_fp.pt"
         start = time.perf_counter()
-        fp_images, labels = sample(load_builtin(name), **kw)
+        if cache.is_file():
+            fp_images, labels = torch.load(cache)
+        else:
+            fp_images, labels = sample(load_builtin(name), **kw)
+            torch.save((fp_images, labels), cache.with_suffix(".tmp"))
+            cache.with_suffix(".tmp").replace(cache)
         fp_seconds = time.perf_counter() - start
         if (name, "FP32", "-") not in done:
             row = {"model": name, "bits": "FP32", "method": "-", **evaluator.score(fp_images, labels)}
             row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1), ms_per_image=round(1000 * fp_seconds / args.n, 2))
             record["rows"].append(row)
             save()
-        for bits in args.bits:
-            for method in args.methods:
-                if (name, bits, method) in done:
-                    continue
-                recipe = recipe_for(bits, method, args.n_calib)
-                start = time.perf_counter()
-                model = quantize(load_builtin(name), recipe, progress=False)
-                calib_seconds = time.perf_counter() - start
-                sample_start = time.perf_counter()
-                images, _ = sample(model, **kw)
-                sample_seconds = time.perf_counter() - sample_start
-                row = {"model": name, "bits": bits, "method": method, **evaluator.score(images, labels)}
-                row.update(
-                    psnr_vs_fp=psnr(images, fp_images),
-                    calib_seconds=round(calib_seconds, 1),
-                    ms_per_image=round(1000 * sample_seconds / args.n, 2),
-                    seconds=round(time.perf_counter() - start, 1),
-                    recipe=recipe.to_dict(),
-                )
-                record["rows"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
-                save()
+        if args.seed_noise and (name, "FP32 (seed 1)", "-") not in done:
+            images, labels1 = sample(load_builtin(name), **{**kw, "seed": 1})
+            row = {"model": name, "bits": "FP32 (seed 1)", "method": "-", **evaluator.score(images, labels1)}
+            row.update(psnr_vs_fp=None)
+            record["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+        for bits, method in pairs:
+            if (name, bits, method) in done:
+                continue
+            recipe = recipe_for(bits, method, args.n_calib)
+            start = time.perf_counter()
+            model = quantize(load_builtin(name), recipe, progress=False)
+            calib_seconds = time.perf_counter() - start
+            sample_start = time.perf_counter()
+            images, _ = sample(model, **kw)
+            sample_seconds = time.perf_counter() - sample_start
+            row = {"model": name, "bits": bits, "method": method, **evaluator.score(images, labels)}
+            row.update(
+                psnr_vs_fp=psnr(images, fp_images),
+                calib_seconds=round(calib_seconds, 1),
+                ms_per_image=round(1000 * sample_seconds / args.n, 2),
+                seconds=round(time.perf_counter() - start, 1),
+                recipe=recipe.to_dict(),
+            )
+            record["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
+            save()
 
 
 def write_markdown(record: dict, path: Path) -> None:
