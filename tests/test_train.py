@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffquant.models import load_builtin
@@ -39,3 +40,16 @@ def test_warm_start_from_exported_weights(fake_fashion_dir, tmp_path):
     ckpt = train("features", tmp_path / "b", steps=3, data_dir=fake_fashion_dir, warm_start=exported, log=print)
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 3 and state["restart_step"] == 2
+
+
+def test_lr_schedule_warmup_stable_decay():
+    from diffquant.train import _lr_factor
+
+    # warm-up from 1/warmup to 1, then constant, then linear to zero over the last `decay` steps
+    assert _lr_factor(0, 10, 100, cosine=False, decay=20) == pytest.approx(0.1)
+    assert _lr_factor(9, 10, 100, cosine=False, decay=20) == 1.0
+    assert _lr_factor(80, 10, 100, cosine=False, decay=20) == 1.0
+    assert _lr_factor(90, 10, 100, cosine=False, decay=20) == pytest.approx(0.5)
+    assert _lr_factor(99, 10, 100, cosine=False, decay=20) == pytest.approx(0.05)
+    assert _lr_factor(50, 10, 100, cosine=False) == 1.0  # no decay configured: constant
+    assert _lr_factor(55, 10, 100, cosine=True) == pytest.approx(0.5)  # cosine: half-way is 1/2

@@ -43,11 +43,13 @@ def _augment(x: torch.Tensor, g: torch.Generator, hflip: bool, shift: int = 0) -
     return x
 
 
-def _lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
+def _lr_factor(step: int, warmup: int, total: int, cosine: bool, decay: int = 0) -> float:
+    """Linear warm-up, then cosine to zero, or constant with a linear decay to zero over the last
+    ``decay`` steps (warmup-stable-decay) when ``decay`` > 0, else constant."""
     if step < warmup:
         return (step + 1) / warmup
     if not cosine:
-        return 1.0
+        return min(1.0, (total - step) / decay) if decay > 0 else 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -156,7 +158,7 @@ def train(
     while step < total:
         for group in opt.param_groups:
             group["lr"] = tc["lr"] * _lr_factor(
-                step - restart_step, tc.get("warmup_steps", 0), total - restart_step, cosine
+                step - restart_step, tc.get("warmup_steps", 0), total - restart_step, cosine, tc.get("decay_steps", 0)
             )
         idx = torch.randint(0, n, (tc["batch_size"],), generator=g)
         x0 = _augment(x_all[idx], g, tc.get("hflip", False), tc.get("random_shift", 0))
