@@ -1,8 +1,10 @@
 """Reference quality of the built-in full-precision models under the evaluation protocol.
 
-Writes benchmarks/results/reference_quality.{json,md}. Usage (the committed results came from):
+Writes benchmarks/results/reference_quality.{json,md}; a run of some ``--models`` replaces their rows
+and keeps the others' (each row carries the command that produced it). Usage:
 
     python benchmarks/reference_quality.py --n 5000 --steps 50
+    python benchmarks/reference_quality.py --n 5000 --models fashion-dit
 """
 
 from __future__ import annotations
@@ -43,17 +45,24 @@ def main() -> None:
     floors = reference["fd_test_vs_train"]
     floor = floors.get(str(args.n))
     evaluator = Evaluator()
-    rows = []
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    path = args.out.with_suffix(".json")
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    same_protocol = previous.get("protocol") == [args.sampler, args.steps, args.n]
+    rows = [r for r in previous.get("rows", []) if same_protocol and r["model"] not in args.models]
     for name in args.models:
         model = load_builtin(name)
         result = evaluate(model, n=args.n, steps=args.steps, sampler=args.sampler, evaluator=evaluator)
-        result.update(model=name, trained_steps=trained_steps(name), fd_floor=floor)
+        result.update(model=name, trained_steps=trained_steps(name), fd_floor=floor, command=command)
+        result["threads"] = torch.get_num_threads()
         result["params"] = sum(p.numel() for p in model.parameters())
         rows.append(result)
         print(json.dumps(result), flush=True)
 
+    rows.sort(key=lambda r: list(DENOISERS).index(r["model"]) if r["model"] in DENOISERS else len(DENOISERS))
     record = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "protocol": [args.sampler, args.steps, args.n],
+        "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
@@ -63,11 +72,13 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".json.tmp").write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".json.tmp").replace(path)
     lines = [
         "# Reference quality of the built-in models (full precision)",
         "",
-        f"Command: `{record['command']}` — {record['date']}, torch {record['torch']}, {record['threads']} threads.",
+        f"Last command: `{record['command']}` — {record['date']}, torch {record['torch']}; each row's command "
+        "and thread count are in the JSON.",
         "",
         f"Protocol: {args.sampler.upper()}-{args.steps}, eta 0, seed 0, N = {args.n}, classes balanced, no guidance. "
         f"FD in `fashion-features` space (test accuracy {reference['test_accuracy']:.4f}) against the 60,000 "
