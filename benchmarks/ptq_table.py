@@ -209,7 +209,7 @@ def write_markdown(record: dict, path: Path) -> None:
         for r in rows:
             gap = "" if fp is None or r is fp else f"{100 * (r['fd'] - fp['fd']) / fp['fd']:+.1f} %"
             p = "" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
-            ms = r.get("ms_per_image", "")
+            ms = "" if r.get("ms_per_image") is None else r["ms_per_image"]
             lines.append(
                 f"| {r['bits']} | {r['method']} | {r['fd']:.4f} | {gap} | {r['class_consistency']:.4f} | {p} | {ms} |"
             )
