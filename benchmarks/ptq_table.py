@@ -192,7 +192,9 @@ def write_markdown(record: dict, path: Path) -> None:
     lines = [
         f"# PTQ methods x bit settings (N = {record['n']}, {record.get('sampler', 'ddim')}-{record['steps']})",
         "",
-        f"Command: `{record['command']}` — {record.get('date', '')}, torch {record['torch']}, "
+        "Rows come from one or more runs of this script with the same protocol (it resumes, skipping rows "
+        "already there; `--rows` picks rows). "
+        f"Last command: `{record['command']}` — {record.get('date', '')}, torch {record['torch']}, "
         f"{record['threads']} threads, {record['machine']}.",
         "",
         f"FD in `fashion-features` space against the training set; FD of {record['n']} real test images "
