@@ -43,7 +43,7 @@ from torch import nn
 from diffquant import quantize
 from diffquant.eval import Evaluator, psnr
 from diffquant.models import DENOISERS, load_builtin
-from diffquant.recipe import get_recipe
+from diffquant.recipe import RECIPES, get_recipe
 from diffquant.sampling import sample
 
 RESULTS = Path(__file__).parent / "results"
@@ -123,7 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-dit", choices=list(DENOISERS))
     parser.add_argument("--n", type=int, default=500, help="evaluation samples")
-    parser.add_argument("--ours", nargs="+", default=list(OURS), help="diffquant recipes beside ModelOpt's")
+    parser.add_argument(
+        "--ours", nargs="+", default=list(OURS), choices=list(RECIPES), help="diffquant recipes beside ModelOpt's"
+    )
     parser.add_argument("--n-calib", type=int, default=CAL["n"], help="calibration trajectories")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results stem")
