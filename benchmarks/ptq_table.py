@@ -9,7 +9,9 @@ there (runs are long on a CPU), so the script can be stopped and resumed.
     python benchmarks/ptq_table.py --models fashion-unet --n 5000 --bits w8a8 w4a8
 
 Methods:
-    naive    single-step calibration (the last step), min-max, per-tensor static scales
+    naive    single-step calibration (the last step), min-max, per-tensor static scales,
+             round-to-nearest weights (every other method keeps the recipe's weight rounding:
+             GPTQ for int4, which stands in for Q-Diffusion's and PTQ4DM's weight reconstruction)
     qdiff    Q-Diffusion-style: uniform steps (every 5th), MSE (L2) range search, shortcut split
     ptq4dm   PTQ4DM-style: normally distributed time steps (NDTC), L_2.4 range search
     bucketed 10 groups of 5 steps, each its own scale (all steps observed, L_2.4 search)
@@ -59,7 +61,7 @@ BITS = {
     "FP8": "fp8-attn",  # like the integer rows, with the attention matmuls quantized
 }
 METHODS = {
-    "naive": dict(observer="minmax", split_shortcut=False, calibration={"selection": "single"}),
+    "naive": dict(observer="minmax", split_shortcut=False, weight_method="rtn", calibration={"selection": "single"}),
     "qdiff": dict(observer="mse", lp_norm=2.0, calibration={"selection": "uniform", "every": 5}),
     "ptq4dm": dict(observer="mse", lp_norm=2.4, calibration={"selection": "ndtc"}),
     "bucketed": dict(observer="mse", act_mode="bucketed", buckets=10, calibration={"selection": "all"}),

@@ -231,5 +231,11 @@ def quantize(
     prepare(model, recipe, num_timesteps)
     if recipe.needs_calibration:
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)
+    if recipe.weight_method != "rtn":
+        from diffquant.methods.gptq import round_weights
+
+        model.diffquant_gptq_error_ratios = round_weights(
+            model, recipe.weight_method, recipe.calibration, runner=runner, progress=progress
+        )
     freeze(model)
     return model

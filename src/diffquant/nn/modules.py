@@ -57,6 +57,9 @@ class QuantModule(nn.Module):
         self.smooth_stats = None  # a SmoothStats collector while SmoothQuant calibrates
         if "smooth" not in self._buffers:
             self.register_buffer("smooth", None)  # SmoothQuant factors once enabled (None: not saved)
+        if "weight_scale_fixed" not in self._buffers:
+            # weight scales chosen by a method (clipping search, GPTQ) instead of the absmax; None: absmax
+            self.register_buffer("weight_scale_fixed", None)
 
     def enable_smoothing(self) -> None:
         """Give the layer a SmoothQuant factor per input channel (``x / s``, ``W * s``), initially 1."""
@@ -86,7 +89,11 @@ class QuantModule(nn.Module):
             w = w * self.smooth.to(w.dtype)
         if self.weight_qtype is None or not self.weight_quant_enabled:
             return w
-        return P.fake_quant_weight(w, self.weight_qtype, self.group_size)
+        return P.fake_quant_weight(w, self.weight_qtype, self.group_size, scale=self.weight_scale_fixed)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight that is quantized: ``weight``, times the SmoothQuant factors if any."""
+        return self.weight if self.smooth is None else self.weight * self.smooth.to(self.weight.dtype)
 
     def _stored(self) -> P.QuantizedWeight:
         packed = self.qweight.dtype == torch.uint8
@@ -106,9 +113,9 @@ class QuantModule(nn.Module):
         """Replace the float weight by its integer storage (``qweight``, ``weight_scale``)."""
         if self.frozen or self.weight_qtype is None:
             return
-        w = self.weight if self.smooth is None else self.weight * self.smooth
-        qw = P.quantize_weight(w, self.weight_qtype, self.group_size)
+        qw = P.quantize_weight(self.effective_weight(), self.weight_qtype, self.group_size, self.weight_scale_fixed)
         del self.weight
+        self.weight_scale_fixed = None
         self.register_buffer("qweight", qw.qdata)
         self.register_buffer("weight_scale", qw.scale)
         self.register_buffer("weight_shape", torch.tensor(list(qw.shape)))

@@ -1,0 +1,127 @@
+"""GPTQ and the clipping search: output error, exact storage, Hessians of convolutions, the pipeline."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
+from diffquant import primitives as P
+from diffquant.methods.gptq import HessianCollector, gptq_quantize, round_weights
+from diffquant.nn import QuantConv2d, QuantLinear
+from diffquant.qtypes import get_qtype
+from diffquant.quantize import prepare
+from tests.conftest import tiny_model
+
+INT4 = get_qtype("int4")
+CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
+
+
+def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    scales = torch.logspace(-1, 1, k)
+    return (torch.randn(n, k, generator=g) * scales) @ mix
+
+
+@pytest.mark.parametrize("group", [None, 16, 64])
+def test_gptq_lowers_output_error_and_its_weights_are_exactly_storable(group):
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = correlated_inputs(2048, 64)
+    h = x.T @ x / x.shape[0]
+    q, scale = gptq_quantize(w, h, INT4, group)
+    rtn = P.fake_quant_weight(w, INT4, group)
+    err_gptq = (x @ (w - q).T).pow(2).mean()
+    err_rtn = (x @ (w - rtn).T).pow(2).mean()
+    assert err_gptq < 0.6 * err_rtn  # typically ~0.3 on correlated inputs
+    stored = P.quantize_weight(q, INT4, group, scale)
+    torch.testing.assert_close(stored.dequantize(), q, rtol=0, atol=1e-6)
+    codes = P.unpack_int4(stored.qdata)
+    assert codes.min() >= INT4.qmin and codes.max() <= INT4.qmax
+
+
+def test_searched_scales_never_have_more_rounding_error_than_absmax():
+    torch.manual_seed(1)
+    w = torch.randn(16, 128) * torch.rand(16, 1) + torch.randn(16, 128).pow(3) * 0.1  # heavy tails
+    for group in (None, 32):
+        searched = P.search_weight_scale(w, INT4, group)
+        e_search = (P.fake_quant_weight(w, INT4, group, scale=searched) - w).pow(2).sum(-1)
+        e_absmax = (P.fake_quant_weight(w, INT4, group) - w).pow(2).sum(-1)
+        assert (e_search <= e_absmax + 1e-7).all()
+        assert (e_search < e_absmax).any()
+
+
+def test_conv_hessian_matches_the_convolution_output_error():
+    """tr(dW H dW^T) from the unfolded patches equals the conv's own output error: the column order is right."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    qconv = QuantConv2d.from_float(conv, "int4", 8, None)
+    collector = HessianCollector(qconv)
+    collector.observing = True
+    x = torch.randn(2, 3, 9, 9)
+    qconv(x)
+    collector.remove()
+    delta = torch.randn_like(conv.weight) * 0.01
+    direct = F.conv2d(x, delta, None, 2, 1).pow(2).sum()
+    d = delta.reshape(5, -1)
+    via_h = ((d @ collector.hessian) * d).sum()
+    torch.testing.assert_close(via_h, direct, rtol=1e-4, atol=1e-6)
+    assert collector.rows == 2 * 5 * 5
+
+
+def test_collector_counts_only_while_observing():
+    lin = QuantLinear.from_float(torch.nn.Linear(4, 3), "int4", None, None)
+    c = HessianCollector(lin)
+    lin(torch.randn(7, 4))
+    assert c.hessian is None
+    c.observing = True
+    lin(torch.randn(7, 4))
+    assert c.rows == 7
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_gptq_recipe_end_to_end_beats_round_to_nearest_and_saves_exactly(kind, tmp_path):
+    from diffquant.methods.mixed import record_inputs
+
+    # denoiser inputs on the FP trajectory at the steps GPTQ's Hessians come from (every 5th step):
+    # on a random tiny model that is what GPTQ can promise; other samplers are measured on the
+    # trained models by the PTQ table
+    inputs = record_inputs(prepare(tiny_model(kind), "w4a16"), replace(CAL, selection="uniform", every=5))
+    with torch.no_grad():
+        refs = [tiny_model(kind)(x, t, y) for x, t, y in inputs]
+    errors = {}
+    for method in ("rtn", "gptq"):
+        recipe = get_recipe("w4a16").replace(weight_method=method)
+        model = quantize(tiny_model(kind), recipe, CAL, progress=False)
+        with torch.no_grad():
+            errors[method] = sum((model(*i) - r).pow(2).mean().item() for i, r in zip(inputs, refs, strict=True))
+    assert errors["gptq"] < errors["rtn"]
+    x, t, y = inputs[0]
+    ratios = model.diffquant_gptq_error_ratios
+    assert ratios and sum(ratios.values()) / len(ratios) < 0.9
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", tiny_model(kind))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_round_weights_rejects_unknown_methods_and_recipe_validates():
+    with pytest.raises(ValueError, match="weight_method"):
+        get_recipe("w4a8").replace(weight_method="adaround")
+    model = prepare(tiny_model("dit"), "w4a16")
+    with pytest.raises(ValueError, match="rtn, mse or gptq|weight_method"):
+        round_weights(model, "adaround")
+
+
+def test_embedding_tables_stay_int8_in_int4_recipes_unless_overridden():
+    from diffquant.nn.modules import QuantEmbedding
+    from diffquant.recipe import Override
+
+    model = prepare(tiny_model("dit"), "w4a8")
+    tables = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
+    assert tables and all(m.weight_qtype.name == "int8" and m.group_size is None for m in tables)
+    forced = get_recipe("w4a8").replace(overrides=(Override("*class_embedder*", weights="int4"),))
+    model = prepare(tiny_model("dit"), forced)
+    assert all(m.weight_qtype.name == "int4" for m in model.modules() if isinstance(m, QuantEmbedding))
