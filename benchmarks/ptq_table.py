@@ -59,7 +59,9 @@ BITS = {
     "W8A4": "w8a4",
     "W4A4": "w4a4",
     "FP8": "fp8-attn",  # like the integer rows, with the attention matmuls quantized
+    "FP8-noattn": "fp8",  # FP8 weights and activations of the Linear/conv layers, attention matmuls float
 }
+BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
 METHODS = {
     "naive": dict(observer="minmax", split_shortcut=False, weight_method="rtn", calibration={"selection": "single"}),
     "qdiff": dict(observer="mse", lp_norm=2.0, calibration={"selection": "uniform", "every": 5}),
@@ -90,7 +92,7 @@ def recipe_for(bits: str, method: str, n_calib: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DENOISERS))
-    parser.add_argument("--bits", nargs="+", default=list(BITS), type=str.upper)
+    parser.add_argument("--bits", nargs="+", default=list(BITS), type=lambda b: BIT_KEYS.get(b.upper(), b))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=1000, help="evaluation samples")
     parser.add_argument("--n-calib", type=int, default=128, help="calibration trajectories")
@@ -124,11 +126,11 @@ def main() -> None:
         bad = [
             r
             for r, pair in zip(args.rows, pairs, strict=True)
-            if len(pair) != 2 or pair[0].upper() not in BITS or pair[1] not in METHODS
+            if len(pair) != 2 or pair[0].upper() not in BIT_KEYS or pair[1] not in METHODS
         ]
         if bad:
             parser.error(f"--rows takes BITS:METHOD with BITS in {list(BITS)} and METHOD in {list(METHODS)}; got {bad}")
-        pairs = [(b.upper(), m) for b, m in pairs]
+        pairs = [(BIT_KEYS[b.upper()], m) for b, m in pairs]
     else:
         pairs = [(b, m) for b in args.bits for m in args.methods]
     done = {(r["model"], r["bits"], r["method"]) for r in record["rows"]}
