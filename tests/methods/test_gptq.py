@@ -111,7 +111,7 @@ def test_round_weights_rejects_unknown_methods_and_recipe_validates():
     with pytest.raises(ValueError, match="weight_method"):
         get_recipe("w4a8").replace(weight_method="adaround")
     model = prepare(tiny_model("dit"), "w4a16")
-    with pytest.raises(ValueError, match="rtn, mse or gptq|weight_method"):
+    with pytest.raises(ValueError, match="weight_method must be one of"):
         round_weights(model, "adaround")
 
 
@@ -125,3 +125,19 @@ def test_embedding_tables_stay_int8_in_int4_recipes_unless_overridden():
     forced = get_recipe("w4a8").replace(overrides=(Override("*class_embedder*", weights="int4"),))
     model = prepare(tiny_model("dit"), forced)
     assert all(m.weight_qtype.name == "int4" for m in model.modules() if isinstance(m, QuantEmbedding))
+
+
+def test_gptq_on_smoothed_layers_stores_exactly_what_the_fake_quant_path_computes():
+    recipe = get_recipe("w8a8-smoothquant").replace(weights="int4", weight_group_size=16, weight_method="gptq")
+    model = prepare(tiny_model("dit"), recipe)
+    from diffquant.calibrate import calibrate
+
+    calibrate(model, recipe, CAL, progress=False)
+    ratios = round_weights(model, "gptq", CAL, progress=False)
+    smoothed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.smooth is not None]
+    assert smoothed and any(not torch.all(m.smooth == 1) for m in smoothed)
+    assert ratios and all(r < 1.0 for r in ratios.values())
+    for m in smoothed:
+        before = m.quantized_weight().detach().clone()  # fake quant of W * s with the GPTQ scales
+        m.freeze()
+        torch.testing.assert_close(m.quantized_weight(), before, rtol=0, atol=1e-6)
