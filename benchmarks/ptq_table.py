@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from diffquant import quantize
-from diffquant.eval import Evaluator, psnr
+from diffquant.eval import Evaluator, extract_features, paired_fd_gap_interval, psnr
 from diffquant.eval.evaluate import load_reference
 from diffquant.models import DENOISERS, load_builtin
 from diffquant.recipe import get_recipe
@@ -156,6 +156,7 @@ def main() -> None:
             torch.save((fp_images, labels), cache.with_suffix(".tmp"))
             cache.with_suffix(".tmp").replace(cache)
         fp_seconds = time.perf_counter() - start
+        fp_features = extract_features(evaluator.feature_net, fp_images)
         if (name, "FP32", "-") not in done:
             row = {"model": name, "bits": "FP32", "method": "-", **evaluator.score(fp_images, labels)}
             row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1), ms_per_image=round(1000 * fp_seconds / args.n, 2))
@@ -179,8 +180,12 @@ def main() -> None:
             images, _ = sample(model, **kw)
             sample_seconds = time.perf_counter() - sample_start
             row = {"model": name, "bits": bits, "method": method, **evaluator.score(images, labels)}
+            interval = paired_fd_gap_interval(
+                fp_features, extract_features(evaluator.feature_net, images), evaluator.reference
+            )
             row.update(
                 psnr_vs_fp=psnr(images, fp_images),
+                fd_gap_interval=[round(v, 4) for v in interval],
                 calib_seconds=round(calib_seconds, 1),
                 ms_per_image=round(1000 * sample_seconds / args.n, 2),
                 seconds=round(time.perf_counter() - start, 1),
@@ -203,21 +208,28 @@ def write_markdown(record: dict, path: Path) -> None:
         "",
         f"FD in `fashion-features` space against the training set; FD of {record['n']} real test images "
         f"(the floor): {floor}. PSNR: against the FP32 images of the same run from identical noise. "
-        "FD gap: (FD - FD_FP) / FD_FP. Calibration always on DDIM-50 trajectories. ms/image: sampling time of "
+        "FD gap: (FD - FD_FP) / FD_FP; its 95 % interval: paired bootstrap over the images (200 resamples of "
+        "the same indices in both sets; rows run before it existed have none). Calibration always on DDIM-50 trajectories. ms/image: sampling time of "
         "the float reference (fake-quant) path on this CPU, not of integer kernels.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in record["rows"]):
         rows = [r for r in record["rows"] if r["model"] == model]
         fp = next((r for r in rows if r["bits"] == "FP32"), None)
-        lines += [f"## {model}", "", "| bits | method | FD | FD gap | class consistency | PSNR vs FP (dB) | ms/image |"]
-        lines += ["|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {model}",
+            "",
+            "| bits | method | FD | FD gap | 95 % interval | class consistency | PSNR vs FP (dB) | ms/image |",
+        ]
+        lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             gap = "" if fp is None or r is fp else f"{100 * (r['fd'] - fp['fd']) / fp['fd']:+.1f} %"
             p = "" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
             ms = "" if r.get("ms_per_image") is None else r["ms_per_image"]
+            iv = r.get("fd_gap_interval")
+            iv = "" if iv is None else f"{100 * iv[0]:+.1f} … {100 * iv[1]:+.1f} %"
             lines.append(
-                f"| {r['bits']} | {r['method']} | {r['fd']:.4f} | {gap} | {r['class_consistency']:.4f} | {p} | {ms} |"
+                f"| {r['bits']} | {r['method']} | {r['fd']:.4f} | {gap} | {iv} | {r['class_consistency']:.4f} | {p} | {ms} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))

@@ -67,3 +67,20 @@ def test_stats_tensor_roundtrip():
     np.testing.assert_array_equal(back.mu, s.mu)
     np.testing.assert_array_equal(back.sigma, s.sigma)
     assert back.n == 10
+
+
+def test_paired_gap_interval_is_zero_for_identical_sets_and_excludes_zero_for_a_real_shift():
+    from diffquant.eval import paired_fd_gap_interval
+
+    rng = np.random.default_rng(0)
+    ref = feature_stats(rng.normal(size=(4000, 8)))
+    base = rng.normal(0.3, 1.2, size=(400, 8))  # FD to the reference about 1, like a model's samples
+    assert paired_fd_gap_interval(base, base.copy(), ref, n_boot=50) == (0.0, 0.0)
+    lo, hi = paired_fd_gap_interval(base, base + 0.5, ref, n_boot=100)  # a mean shift: FD grows by about 8 * 0.25 + ...
+    point = frechet_distance(feature_stats(base + 0.5), ref) / frechet_distance(feature_stats(base), ref) - 1
+    assert 0 < lo <= point <= hi
+    # a small paired perturbation gives a narrow interval around a small gap
+    lo, hi = paired_fd_gap_interval(base, base + rng.normal(scale=0.01, size=base.shape), ref, n_boot=100)
+    assert -0.05 < lo <= hi < 0.05
+    with pytest.raises(ValueError, match="same shape"):
+        paired_fd_gap_interval(base, base[:10], ref)
