@@ -60,6 +60,8 @@ BITS = {
     "W4A4": "w4a4",
     "FP8": "fp8-attn",  # like the integer rows, with the attention matmuls quantized
     "FP8-noattn": "fp8",  # FP8 weights and activations of the Linear/conv layers, attention matmuls float
+    "W8A16": "w8a16",  # weight-only references: how much of a row's error the weights alone cause
+    "W4A16": "w4a16",
 }
 BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
 METHODS = {
