@@ -25,7 +25,11 @@ from tests.integrations.tiny_pipelines import PROMPTS, tiny_dit_pipeline, tiny_s
 
 STEPS = 6
 CAL = CalibrationConfig(n_samples=4, steps=STEPS, batch_size=4, every=1)
-RECIPES = {"w8a8": get_recipe("w8a8"), "w8a8-tdq": get_recipe("w8a8-tdq").replace(tdq_iters=150)}
+RECIPES = {
+    "w8a8": get_recipe("w8a8"),
+    "w8a8-tdq": get_recipe("w8a8-tdq").replace(tdq_iters=150),
+    "w4a8": get_recipe("w4a8"),  # GPTQ: Hessians collected by running the pipeline
+}
 
 
 def build(kind: str, tmp: Path):
