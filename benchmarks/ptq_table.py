@@ -135,7 +135,7 @@ def main() -> None:
         pairs = [(BIT_KEYS[b.upper()], m) for b, m in pairs]
     else:
         pairs = [(b, m) for b in args.bits for m in args.methods]
-    done = {(r["model"], r["bits"], r["method"]) for r in record["rows"]}
+    done = {(r["model"], r["bits"], r["method"], weight_method(r)) for r in record["rows"]}
     evaluator = Evaluator()
     kw = dict(n=args.n, steps=args.steps, sampler=args.sampler, seed=0, progress=False)
 
@@ -159,12 +159,12 @@ def main() -> None:
             cache.with_suffix(".tmp").replace(cache)
         fp_seconds = time.perf_counter() - start
         fp_features = extract_features(evaluator.feature_net, fp_images)
-        if (name, "FP32", "-") not in done:
+        if (name, "FP32", "-", "-") not in done:
             row = {"model": name, "bits": "FP32", "method": "-", **evaluator.score(fp_images, labels)}
             row.update(psnr_vs_fp=None, seconds=round(fp_seconds, 1), ms_per_image=round(1000 * fp_seconds / args.n, 2))
             record["rows"].append(row)
             save()
-        if args.seed_noise and (name, "FP32 (seed 1)", "-") not in done:
+        if args.seed_noise and (name, "FP32 (seed 1)", "-", "-") not in done:
             images, labels1 = sample(load_builtin(name), **{**kw, "seed": 1})
             row = {"model": name, "bits": "FP32 (seed 1)", "method": "-", **evaluator.score(images, labels1)}
             row.update(psnr_vs_fp=None)
@@ -172,9 +172,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             save()
         for bits, method in pairs:
-            if (name, bits, method) in done:
-                continue
             recipe = recipe_for(bits, method, args.n_calib)
+            if (name, bits, method, recipe.weight_method) in done:
+                continue
             start = time.perf_counter()
             model = quantize(load_builtin(name), recipe, progress=False)
             calib_seconds = time.perf_counter() - start
@@ -196,6 +196,13 @@ def main() -> None:
             record["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
             save()
+
+
+def weight_method(row: dict) -> str:
+    """How a row's weights were rounded (``rtn`` for rows run before recipes had the field)."""
+    if "recipe" not in row:
+        return "-"
+    return row["recipe"].get("weight_method", "rtn")
 
 
 def write_markdown(record: dict, path: Path) -> None:
@@ -221,9 +228,9 @@ def write_markdown(record: dict, path: Path) -> None:
         lines += [
             f"## {model}",
             "",
-            "| bits | method | FD | FD gap | 95 % interval | class consistency | PSNR vs FP (dB) | ms/image |",
+            "| bits | method | weights | FD | FD gap | 95 % interval | class consistency | PSNR vs FP (dB) | ms/image |",
         ]
-        lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             gap = "" if fp is None or r is fp else f"{100 * (r['fd'] - fp['fd']) / fp['fd']:+.1f} %"
             p = "" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
@@ -231,7 +238,7 @@ def write_markdown(record: dict, path: Path) -> None:
             iv = r.get("fd_gap_interval")
             iv = "" if iv is None else f"{100 * iv[0]:+.1f} … {100 * iv[1]:+.1f} %"
             lines.append(
-                f"| {r['bits']} | {r['method']} | {r['fd']:.4f} | {gap} | {iv} | {r['class_consistency']:.4f} | {p} | {ms} |"
+                f"| {r['bits']} | {r['method']} | {weight_method(r)} | {r['fd']:.4f} | {gap} | {iv} | {r['class_consistency']:.4f} | {p} | {ms} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))

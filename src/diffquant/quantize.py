@@ -199,7 +199,9 @@ def quantize(
             :class:`~diffquant.recipe.CalibrationConfig` with the model's own sampler (built-in
             models); a ``CalibrationConfig`` replaces it; a callable
             ``run(model, config, observe)`` runs trajectories itself (integrations).
-            Ignored when the recipe needs no calibration (weight-only or dynamic activations).
+            Needed for static, bucketed and TDQ activation scales and for GPTQ weight rounding (the
+            named integer recipes); a recipe with dynamic or float activations and
+            ``weight_method="rtn"`` needs none.
         num_timesteps: the model's training time steps ``T`` (default: from the model, or 1000).
         progress: show a progress bar.
         prompts, class_labels, pipeline_kwargs: pipelines only: the conditioning of the

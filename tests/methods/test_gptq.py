@@ -141,3 +141,18 @@ def test_gptq_on_smoothed_layers_stores_exactly_what_the_fake_quant_path_compute
         before = m.quantized_weight().detach().clone()  # fake quant of W * s with the GPTQ scales
         m.freeze()
         torch.testing.assert_close(m.quantized_weight(), before, rtol=0, atol=1e-6)
+
+
+def test_gptq_on_a_model_without_a_sampler_says_what_to_pass():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            return self.lin(x)
+
+    with pytest.raises(TypeError, match="weight_method='rtn'"):
+        quantize(Bare(), "w4a16", progress=False)
+    q = quantize(Bare(), get_recipe("w4a16").replace(weight_method="rtn"), progress=False)  # data-free works
+    assert q.lin.frozen

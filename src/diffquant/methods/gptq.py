@@ -175,6 +175,13 @@ def round_weights(model: nn.Module, method: str, config=None, runner: Callable |
 
     from diffquant.calibrate import _builtin_runner, full_precision, observed_call
 
+    if runner is None and not all(hasattr(model, a) for a in ("config", "num_classes", "sample_shape")):
+        raise TypeError(
+            "GPTQ weight rounding needs the model's sampling trajectory, and this model has no built-in sampler "
+            "settings: pass calibration=run(model, config, observe) that runs its sampler, or round to nearest "
+            "without data: recipe.replace(weight_method='rtn')"
+        )
+
     config = dataclasses.replace(
         config, selection="uniform", every=GPTQ_EVERY, n_samples=min(config.n_samples, GPTQ_MAX_SAMPLES)
     )
