@@ -89,11 +89,17 @@ def full_precision(model: nn.Module):
             q.enabled = True
 
 
+def has_builtin_sampler(model: nn.Module) -> bool:
+    """Whether calibration can run the model's own sampler (built-in models: ``config``, ``num_classes``,
+    ``sample_shape``); other models need a runner."""
+    return all(hasattr(model, a) for a in ("config", "num_classes", "sample_shape"))
+
+
 def _builtin_runner(model: nn.Module, config: CalibrationConfig, observe: Callable, progress: bool) -> list[int]:
     """Run calibration trajectories of a built-in-style denoiser (``config``, ``num_classes``, ``sample_shape``)."""
     from tqdm.auto import tqdm
 
-    if not all(hasattr(model, a) for a in ("config", "num_classes", "sample_shape")):
+    if not has_builtin_sampler(model):
         raise TypeError(
             "this model has no built-in sampler settings (config['scheduler'], num_classes, sample_shape); "
             "pass calibration=run(model, config, observe) that runs its sampler"
@@ -121,13 +127,14 @@ def _builtin_runner(model: nn.Module, config: CalibrationConfig, observe: Callab
     return timesteps
 
 
-def _make_observe(model: nn.Module) -> Callable:
+def _make_observe(model: nn.Module, observers: list | None = None) -> Callable:
     """``observe(model, x, t, cond, rows)``: the FP model call of one step, observing the selected rows.
 
-    ``observe.quantizers`` lists the quantizers it switches on, for runners that call the model
-    their own way (see :func:`observed_call`).
+    ``observers`` are the objects switched on (anything with an ``observing`` flag; default: the
+    model's activation quantizers). ``observe.quantizers`` lists them, for runners that call the
+    model their own way (see :func:`observed_call`).
     """
-    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    quants = observers if observers is not None else [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
     def observe(model, x, t, y, rows):
         def call(idx):

@@ -29,6 +29,7 @@ QUANT_LEVELS = (1.0, 2.0, 2.5, 3.0, 4.0)
 # Layer roles for quant levels (TensorRT Model Optimizer's diffusion levels), by name pattern.
 FEED_FORWARD = ("*ff.net.*", "*.ff.*", "*feed_forward*", "*mlp.*")
 QKV = ("*to_q", "*to_k", "*to_v", "*add_q_proj", "*add_k_proj", "*add_v_proj", "*to_qkv")
+WEIGHT_METHODS = ("rtn", "mse", "gptq")  # how integer weights are rounded: diffquant.methods.gptq
 
 # Layers kept in float by default, as TensorRT's diffusion recipe does: the first and last layers
 # (UNet conv_in / conv_out, DiT patch embedding / final projection).
@@ -203,8 +204,8 @@ class Recipe:
                 raise ValueError(f"activations take int2..int8 or fp8_e4m3, not {fmt}")
         if self.weight_group_size is not None and not 1 <= self.weight_group_size <= 4096:
             raise ValueError(f"weight_group_size must be in 1..4096 or None, got {self.weight_group_size}")
-        if self.weight_method not in ("rtn", "mse", "gptq"):
-            raise ValueError(f"weight_method must be rtn, mse or gptq, got {self.weight_method!r}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         if self.act_mode not in ("static", "bucketed", "tdq", "dynamic"):
             raise ValueError(f"act_mode must be static, bucketed, tdq or dynamic, got {self.act_mode!r}")
         if self.tdq_hidden < 1 or self.tdq_freqs < 1 or self.tdq_iters < 0:

@@ -3,7 +3,8 @@
 ``weight_method`` in a recipe picks how integer weights are rounded:
 
 ``rtn``
-    round to nearest with the absmax scale of each output channel or group (the default).
+    round to nearest with the absmax scale of each output channel or group (the ``Recipe`` default;
+    named recipes with integer weights use ``gptq``, except the data-free ``w8a8-dynamic``).
 ``mse``
     round to nearest with each group's scale searched for the least squared rounding error
     (:func:`~diffquant.primitives.search_weight_scale`); data-free.
@@ -36,8 +37,8 @@ from torch import nn
 
 from diffquant import primitives as P
 from diffquant.qtypes import QType
+from diffquant.recipe import WEIGHT_METHODS
 
-WEIGHT_METHODS = ("rtn", "mse", "gptq")
 GPTQ_EVERY = 5  # Hessians from every 5th calibration step (like Q-Diffusion's uniform selection)
 GPTQ_MAX_SAMPLES = 64  # calibration trajectories used for the Hessians
 GPTQ_ROWS_PER_CALL = 8192  # input rows (tokens / pixels) a layer adds to its Hessian per model call
@@ -173,9 +174,9 @@ def round_weights(model: nn.Module, method: str, config=None, runner: Callable |
         return {}
     import dataclasses
 
-    from diffquant.calibrate import _builtin_runner, full_precision, observed_call
+    from diffquant.calibrate import _builtin_runner, _make_observe, full_precision, has_builtin_sampler
 
-    if runner is None and not all(hasattr(model, a) for a in ("config", "num_classes", "sample_shape")):
+    if runner is None and not has_builtin_sampler(model):
         raise TypeError(
             "GPTQ weight rounding needs the model's sampling trajectory, and this model has no built-in sampler "
             "settings: pass calibration=run(model, config, observe) that runs its sampler, or round to nearest "
@@ -186,17 +187,9 @@ def round_weights(model: nn.Module, method: str, config=None, runner: Callable |
         config, selection="uniform", every=GPTQ_EVERY, n_samples=min(config.n_samples, GPTQ_MAX_SAMPLES)
     )
     collectors = {n: HessianCollector(m, seed=config.seed) for n, m in layers}
-
-    def observe(model, x, t, y, rows):
-        def call(idx):
-            return model(x, t, y) if idx is None else model(x[idx], t[idx], y[idx])
-
-        return observed_call(list(collectors.values()), call, rows, x.shape[0])
-
-    observe.quantizers = list(collectors.values())
     try:
         with full_precision(model):
-            (runner or _builtin_runner)(model, config, observe, progress)
+            (runner or _builtin_runner)(model, config, _make_observe(model, list(collectors.values())), progress)
     finally:
         for c in collectors.values():
             c.remove()
