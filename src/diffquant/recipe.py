@@ -44,8 +44,8 @@ DEFAULT_EXCLUDE = (
 # float, but their weights are quantized: they are 10 % of fashion-unet's FP32 weight bytes and 16 %
 # of fashion-dit's, so left in float they would be 30-40 % of an int8 model's bytes. Embedding tables
 # are only ever quantized through this list, and never below int8 per row unless an override asks:
-# a table is a few KB, and fashion-dit's class tables alone at int4/g64 (the rest int8) gave
-# 21 dB PSNR against the FP images, against 32-48 dB for any other layer family at int4.
+# a table is a few KB, and fashion-dit W8A16 with only its class tables at int4/g64 gave 21.0 dB PSNR
+# against the FP images, 43.5 dB with int8 tables (benchmarks/results/weight_rounding.md).
 DEFAULT_WEIGHT_ONLY = (
     "*class_embedder*",
     "*class_embedding*",
@@ -318,9 +318,9 @@ class Recipe:
 
 
 def _named(name: str, **kw) -> Recipe:
-    # named recipes with integer weights round them with GPTQ. Measured (PSNR against FP from identical
-    # noise, DDIM-50): fashion-unet W8A16 35.4 dB round-to-nearest, 53.7 dB GPTQ (32 images); W4A16
-    # 18.3 / 31.1 dB and fashion-dit W4A16 20.7 / 32.1 dB (64 images)
+    # named recipes with integer weights round them with GPTQ: PSNR against FP, round-to-nearest vs GPTQ,
+    # fashion-unet W8A16 35.2 / 53.3 dB, W4A16 18.3 / 31.1 dB; fashion-dit W4A16 20.7 / 32.1 dB
+    # (benchmarks/results/weight_rounding.md)
     weights = kw.get("weights", "int8")
     if weights != "none" and get_qtype(weights).kind == "int":
         kw.setdefault("weight_method", "gptq")

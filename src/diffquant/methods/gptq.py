@@ -17,11 +17,9 @@
     weights. ``H`` is collected on the full-precision model's own sampling trajectory, like the
     activation ranges, at every ``GPTQ_EVERY``-th step of the calibration sampler; convolution
     inputs are unfolded into their ``C * kh * kw`` patches. Layers are rounded independently from
-    FP inputs (not sequentially). The time-embedding layers see one input per observed step, so their
-    Hessians have low rank; measured on fashion-dit (W4A16, 48 images, calibrated on DDIM-50, PSNR vs
-    FP): GPTQ everywhere 32.4 / 32.5 dB on DDIM-20 / DPM-Solver++-20, against 31.2 / 31.5 dB with
-    round-to-nearest for layers of low-rank Hessian, and 28.7 / 29.3 dB with Hessians from every
-    step instead of every 5th: the rounding generalizes to steps it was not fitted on.
+    FP inputs (not sequentially). Calibrated on DDIM-50, the rounding carries to steps it was not
+    fitted on: fashion-dit W4A16 32.0 / 32.2 dB PSNR vs FP on DDIM-20 / DPM-Solver++-20, and 30.7 /
+    30.9 dB with Hessians from every step instead (``benchmarks/results/weight_rounding.md``).
 
 Only integer weight formats are affected; FP8, ternary and binary keep their own scales.
 """
