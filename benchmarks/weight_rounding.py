@@ -24,7 +24,7 @@ import torch
 import diffquant.methods.gptq as gptq
 from diffquant import quantize
 from diffquant.eval import psnr
-from diffquant.models import load_builtin
+from diffquant.models import DENOISERS, load_builtin
 from diffquant.recipe import Override, get_recipe
 from diffquant.sampling import sample
 
@@ -34,8 +34,10 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="images per row")
-    parser.add_argument("--models", nargs="+", default=["fashion-unet", "fashion-dit"])
+    parser.add_argument("--models", nargs="+", default=list(DENOISERS), choices=list(DENOISERS))
     args = parser.parse_args()
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
     rows = []
     fp_cache = {}
 
