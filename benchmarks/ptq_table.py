@@ -65,7 +65,13 @@ BITS = {
 }
 BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
 METHODS = {
-    "naive": dict(observer="minmax", split_shortcut=False, weight_method="rtn", calibration={"selection": "single"}),
+    "naive": dict(
+        observer="minmax",
+        split_shortcut=False,
+        weight_method="rtn",
+        output_correction=False,
+        calibration={"selection": "single"},
+    ),
     "qdiff": dict(observer="mse", lp_norm=2.0, calibration={"selection": "uniform", "every": 5}),
     "ptq4dm": dict(observer="mse", lp_norm=2.4, calibration={"selection": "ndtc"}),
     "bucketed": dict(observer="mse", act_mode="bucketed", buckets=10, calibration={"selection": "all"}),
@@ -173,7 +179,7 @@ def main() -> None:
             save()
         for bits, method in pairs:
             recipe = recipe_for(bits, method, args.n_calib)
-            if (name, bits, method, recipe.weight_method) in done:
+            if (name, bits, method, weight_method({"recipe": recipe.to_dict()})) in done:
                 continue
             start = time.perf_counter()
             model = quantize(load_builtin(name), recipe, progress=False)
@@ -199,10 +205,15 @@ def main() -> None:
 
 
 def weight_method(row: dict) -> str:
-    """How a row's weights were rounded (``rtn`` for rows run before recipes had the field)."""
+    """How a row's weights were rounded (``rtn`` for rows run before recipes had the field), with the
+    int4 group size and ``+oc`` when the per-step output correction was on."""
     if "recipe" not in row:
         return "-"
-    return row["recipe"].get("weight_method", "rtn")
+    r = row["recipe"]
+    label = r.get("weight_method", "rtn")
+    if r.get("weights") == "int4" and r.get("weight_group_size"):
+        label += f" g{r['weight_group_size']}"
+    return label + (" +oc" if r.get("output_correction") else "")
 
 
 def write_markdown(record: dict, path: Path) -> None:

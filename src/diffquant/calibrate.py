@@ -37,7 +37,10 @@ def selected_rows(config: CalibrationConfig, timesteps: list[int], n: int, num_t
         rows[config.single_index % steps] = everyone
         return rows
     if config.selection == "uniform":
-        for k in range(0, steps, config.every):
+        chosen = (
+            range(0, steps, config.every) if config.uniform_from == "first" else range(steps - 1, -1, -config.every)
+        )
+        for k in chosen:
             rows[k] = everyone[:]
         return rows
     # ndtc: t_i = clamp(int(N(mean, std) * T), 0, T - 1); observe sample i at the step nearest t_i
@@ -69,24 +72,41 @@ def observing(quantizers: list[ActQuantizer], on: bool = True):
             q.observing = b
 
 
-@contextlib.contextmanager
-def full_precision(model: nn.Module):
-    """Run the model in float: weight fake-quant and activation quantizers off (for the FP trajectory)."""
+def _quant_switches(model: nn.Module) -> list[tuple[object, str]]:
+    from diffquant.methods.output_correction import OutputCorrection
     from diffquant.nn.modules import QuantModule
 
-    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
-    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    for m in mods:
-        m.weight_quant_enabled = False
-    for q in quants:
-        q.enabled = False
+    out: list[tuple[object, str]] = []
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            out.append((m, "weight_quant_enabled"))
+        elif isinstance(m, (ActQuantizer, OutputCorrection)):
+            out.append((m, "enabled"))
+    return out
+
+
+@contextlib.contextmanager
+def _switched(model: nn.Module, on: bool):
+    switches = _quant_switches(model)
+    before = [getattr(m, a) for m, a in switches]
+    for m, a in switches:
+        setattr(m, a, on)
     try:
         yield
     finally:
-        for m in mods:
-            m.weight_quant_enabled = True
-        for q in quants:
-            q.enabled = True
+        for (m, a), b in zip(switches, before, strict=True):
+            setattr(m, a, b)
+
+
+def full_precision(model: nn.Module):
+    """Run the model in float: weight fake-quant, activation quantizers and the output correction off
+    (for the FP trajectory)."""
+    return _switched(model, False)
+
+
+def quantized(model: nn.Module):
+    """Run the model quantized (inside :func:`full_precision`, for comparing the two on one input)."""
+    return _switched(model, True)
 
 
 def has_builtin_sampler(model: nn.Module) -> bool:

@@ -220,7 +220,8 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print the reci
         weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
         weights += "" if r.weight_method == "rtn" else f" {r.weight_method}"
         acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
-        typer.echo(f"{name:16s} weights {weights:15s} activations {acts:30s} observer {r.observer}")
+        extra = "  + per-step output correction" if r.output_correction else ""
+        typer.echo(f"{name:16s} weights {weights:15s} activations {acts:30s} observer {r.observer}{extra}")
 
 
 @app.command("quantize")

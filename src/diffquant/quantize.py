@@ -155,6 +155,10 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
 
         quantize_attention(model, make, make_softmax, include)
 
+    if recipe.output_correction:
+        from diffquant.methods.output_correction import install
+
+        install(model, T)
     _install_step_hook(model)
     model.diffquant_recipe = recipe
     return model
@@ -233,11 +237,26 @@ def quantize(
     prepare(model, recipe, num_timesteps)
     if recipe.needs_calibration:
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)
+    # GPTQ overwrites the float weights with rounded ones; the output correction compares with the FP model
+    fp_weights = (
+        {
+            m: m.weight.detach().clone()
+            for m in quant_modules(model)
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+        }
+        if recipe.output_correction and recipe.weight_method == "gptq"
+        else None
+    )
     if recipe.weight_method != "rtn":
         from diffquant.methods.gptq import round_weights
 
         model.diffquant_gptq_error_ratios = round_weights(
             model, recipe.weight_method, recipe.calibration, runner=runner, progress=progress
         )
+    if recipe.output_correction:
+        from diffquant.methods.output_correction import fit_output_correction
+
+        fit_output_correction(model, recipe.calibration, runner=runner, progress=progress, fp_weights=fp_weights)
+        del fp_weights
     freeze(model)
     return model

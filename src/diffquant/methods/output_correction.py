@@ -1,0 +1,184 @@
+"""Per-step output correction: undo the part of the quantization error correlated with the output.
+
+PTQD (He et al., NeurIPS 2023) splits a quantized denoiser's error ``d = eps_q - eps`` into a part
+correlated with the output, ``k_t * eps``, and a residual. A ``k_t < 0`` means the quantized model
+under-predicts the noise at step ``t``, so the sampler leaves noise in the image. The correction
+divides the quantized output by ``1 + k_t``. ``k_t`` is fitted by least squares on the full-precision
+model's own trajectory (every step of the calibration sampler, each input evaluated by both the FP
+and the quantized model), interpolated over all ``T`` training time steps and stored as a per-step
+table (``gain[t] = 1 / (1 + k_t)``), so inference pays one multiply and a table lookup.
+
+Measured on fashion-unet with int4 weights (GPTQ, groups of 32), DDIM-50: ``k_t`` is about -0.3 % for
+most of the schedule and falls to -1.6 % at the last step (-4.8 % with Hessians that never saw the
+last step); see ``benchmarks/results/ptq_table_n500.md`` for what the correction does to FD.
+
+The table lives in a :class:`OutputCorrection` submodule (``model.diffquant_output_correction``), so
+it is saved and loaded with the model; a forward hook applies it. It is off inside
+:func:`diffquant.calibrate.full_precision`. Outputs that are tensors, tuples (first element) or
+objects with a ``sample`` attribute (diffusers) are corrected; when the output has twice the input's
+channels (a learned variance), only the first half (the noise prediction) is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diffquant.timestep import current_step
+
+ATTR = "diffquant_output_correction"
+FIT_MAX_SAMPLES = 64  # trajectories used to fit the gains
+
+
+class OutputCorrection(nn.Module):
+    """The per-time-step gain table and its switch."""
+
+    def __init__(self, num_timesteps: int):
+        super().__init__()
+        self.register_buffer("gain", torch.ones(num_timesteps))
+        self.enabled = True
+
+    def apply_to(self, eps: torch.Tensor, channels: int | None) -> torch.Tensor:
+        step = current_step()
+        if not self.enabled or step is None:
+            return eps
+        t = min(max(int(step.timestep), 0), self.gain.numel() - 1)
+        g = self.gain[t].to(eps.dtype)
+        if channels is not None and eps.dim() >= 2 and eps.shape[1] == 2 * channels:  # learned variance
+            return torch.cat([eps[:, :channels] * g, eps[:, channels:]], 1)
+        return eps * g
+
+
+def _split_output(output):
+    """``(tensor, rebuild)`` for the output forms denoisers return."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda e: e
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0], lambda e: (e, *output[1:])
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+
+        def rebuild(e):
+            output.sample = e
+            return output
+
+        return output.sample, rebuild
+    return None, None
+
+
+def _input_channels(args) -> int | None:
+    x = args[0] if args else None
+    return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+def install(model: nn.Module, num_timesteps: int) -> OutputCorrection:
+    """Attach an identity correction table and the hook that applies it (idempotent)."""
+    oc = getattr(model, ATTR, None)
+    if isinstance(oc, OutputCorrection):
+        return oc
+    oc = OutputCorrection(num_timesteps)
+    model.add_module(ATTR, oc)
+
+    def hook(module, args, output):
+        eps, rebuild = _split_output(output)
+        if eps is None:
+            return output
+        return rebuild(oc.apply_to(eps, _input_channels(args)))
+
+    # prepended: it must run while the step hook's time step is still current
+    model._diffquant_output_hook = model.register_forward_hook(hook, prepend=True)
+    return oc
+
+
+class _ErrorCollector:
+    """Observer that, for each observed FP call, runs the quantized model on the same input and
+    accumulates per time step ``sum(d * eps)`` and ``sum(eps * eps)`` with ``d = eps_q - eps``."""
+
+    def __init__(self, model: nn.Module, swap: Callable[[bool], None]):
+        self.model = model
+        self.swap = swap
+        self.observing = False
+        self.busy = False
+        self.num: dict[int, float] = {}
+        self.den: dict[int, float] = {}
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        if not self.observing or self.busy:
+            return
+        from diffquant.calibrate import quantized
+
+        eps, _ = _split_output(output)
+        step = current_step()
+        if eps is None or step is None:
+            return
+        self.busy = True
+        self.swap(False)
+        try:
+            with quantized(self.model):
+                eps_q, _ = _split_output(self.model(*args, **kwargs))
+        finally:
+            self.swap(True)
+            self.busy = False
+        c = _input_channels(args)
+        if c is not None and eps.shape[1] == 2 * c:
+            eps, eps_q = eps[:, :c], eps_q[:, :c]
+        eps, d = eps.double(), (eps_q - eps).double()
+        t = int(step.timestep)
+        self.num[t] = self.num.get(t, 0.0) + float((d * eps).sum())
+        self.den[t] = self.den.get(t, 0.0) + float((eps * eps).sum())
+
+    def remove(self):
+        self.handle.remove()
+
+
+@torch.no_grad()
+def fit_output_correction(
+    model: nn.Module, config, runner: Callable | None = None, progress: bool = True, fp_weights: dict | None = None
+) -> dict:
+    """Fit the gain table of a prepared (not yet frozen) model on its FP trajectory.
+
+    ``fp_weights`` maps modules to their float weights when the model's own were replaced by rounded
+    ones (GPTQ): the FP calls use those, the quantized calls the model's.
+    Returns ``{timestep: k_t}`` of the observed steps.
+    """
+    from diffquant.calibrate import _builtin_runner, _make_observe, full_precision
+
+    oc = getattr(model, ATTR, None)
+    if not isinstance(oc, OutputCorrection):
+        raise ValueError("the model has no output correction table; prepare it with output_correction=True")
+    config = dataclasses.replace(config, selection="all", n_samples=min(config.n_samples, FIT_MAX_SAMPLES))
+    fp_weights = fp_weights or {}
+    rounded = {m: m.weight.detach() for m in fp_weights}
+
+    def swap(to_fp: bool):
+        for m, w in (fp_weights if to_fp else rounded).items():
+            m.weight.data = w
+
+    collector = _ErrorCollector(model, swap)
+    swap(True)
+    try:
+        with full_precision(model):
+            (runner or _builtin_runner)(model, config, _make_observe(model, [collector]), progress)
+    finally:
+        swap(False)
+        collector.remove()
+    ks = {t: collector.num[t] / collector.den[t] for t in sorted(collector.num) if collector.den[t] > 0}
+    if ks:
+        ts = torch.tensor(sorted(ks), dtype=torch.float64)
+        gains = torch.tensor([1.0 / (1.0 + ks[int(t)]) for t in ts], dtype=torch.float64)
+        grid = torch.arange(oc.gain.numel(), dtype=torch.float64)
+        oc.gain.copy_(_interp(grid, ts, gains).to(oc.gain.dtype))
+    return ks
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation (``numpy.interp``: constant beyond the ends)."""
+    if xp.numel() == 1:
+        return fp.expand_as(x).clone()
+    idx = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    w = ((x - x0) / (x1 - x0)).clamp(0, 1)
+    return y0 + w * (y1 - y0)
