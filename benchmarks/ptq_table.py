@@ -25,6 +25,7 @@ Methods:
     smoothquant-0.8  default + SmoothQuant with a fixed alpha of 0.8
     minmax   all steps observed, min-max over all of them
     percentile  TensorRT's Percentile Quant: per-step amax, mean over the first 100 % of the steps
+    no-oc    default without the per-step output correction (the ablation of the recipes that have it)
     mixed-4.5   default with mixed-precision weights at an average of 4.5 nominal bits (layers
              move from the row's weight format to int8 by measured sensitivity)
 
@@ -86,6 +87,7 @@ METHODS = {
         observer="step-percentile", step_percentile=1.0, step_reduction="mean", calibration={"selection": "all"}
     ),
     "mixed-4.5": dict(weight_bits_budget=4.5),
+    "no-oc": dict(output_correction=False),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 

@@ -22,7 +22,7 @@ RECIPES = {
     "w8a7": get_recipe("w8a7"),
     "bucketed-a6": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
     "dynamic-tensor": get_recipe("w8a7").replace(act_mode="dynamic", name="w8a7-dyn"),
-    "w4a8": get_recipe("w4a8"),  # int4 in groups of 64: no per-channel integer op
+    "w4a8": get_recipe("w4a8"),  # int4 in groups of 32: no per-channel integer op
     "w8a8-dynamic": get_recipe("w8a8-dynamic"),  # per-token scales
     "fp8": get_recipe("fp8"),
 }
@@ -93,6 +93,17 @@ def test_exported_unet_matches_the_reference_and_runs_integer_ops(unet_w8a7):
 def test_per_step_model_matches_the_reference(dit_bucketed):
     q, path = dit_bucketed  # tdq tables: see the single-layer tests below
     assert min(_model_sqnr(q, X.OnnxDenoiser(path, threads=1))) > 25
+
+
+def test_output_correction_table_is_indexed_by_the_graph_time_step(tmp_path):
+    recipe = get_recipe("w8a7").replace(name="w8a7-oc", output_correction=True)
+    q = quantize(tiny_model("unet"), recipe, CAL, progress=False)
+    gain = q.diffquant_output_correction.gain
+    gain.copy_(torch.linspace(0.5, 1.5, gain.numel()))  # far from 1, so a missing or constant gain fails
+    X.export_onnx(q, tmp_path / "m.onnx")
+    assert min(_model_sqnr(q, X.OnnxDenoiser(tmp_path / "m.onnx", threads=1))) > 25
+    X.export_onnx(q, tmp_path / "s.onnx", step=400)  # one step's constants
+    assert min(_model_sqnr(q, X.OnnxDenoiser(tmp_path / "s.onnx", threads=1), steps=(400,))) > 25
 
 
 def test_dynamic_per_tensor_scales_are_computed_in_the_graph(tmp_path):

@@ -76,6 +76,7 @@ from torch import nn
 
 from diffquant import primitives as P
 from diffquant.backends.common import integer_obstacle
+from diffquant.methods.output_correction import ATTR as OC_ATTR
 from diffquant.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 
@@ -344,15 +345,21 @@ class _FloatLayer(_LayerBase):
 class _Graph(nn.Module):
     """The exported function ``(x, t, class_labels) -> eps``; publishes ``t`` to the quantizers."""
 
-    def __init__(self, model: nn.Module, clock: _Clock):
+    def __init__(self, model: nn.Module, clock: _Clock, step: int | None = None):
         super().__init__()
         self.model = model
         self.clock = clock
+        self.step = step
 
     def forward(self, x, t, class_labels):
         self.clock.t = t
-        out = self.model.forward(x, t, class_labels)  # .forward: the eager step hook is not needed
-        return out.sample if hasattr(out, "sample") else out  # diffusers models return an output object
+        out = self.model.forward(x, t, class_labels)  # .forward: the eager hooks are not needed
+        out = out.sample if hasattr(out, "sample") else out  # diffusers models return an output object
+        oc = getattr(self.model, OC_ATTR, None)
+        if oc is not None:  # the per-step output gain (its eager forward hook is skipped above)
+            gain = oc.gain[self.step].reshape(1) if self.step is not None else oc.gain[t.long().reshape(-1)]
+            out = oc.scale(out, gain, x.shape[1])
+        return out
 
 
 # ------------------------------------------------------------------------------------ the export
@@ -602,7 +609,7 @@ def export_onnx(
     per_step = any(q.per_step for q in quantizers)
     T = _num_timesteps(qmodel)
     args = _example_inputs(qmodel, batch or 2, T - 1 if step is None else step)
-    proto = onnx.load_from_string(_trace(_Graph(model, clock), args, opset, batch is None))
+    proto = onnx.load_from_string(_trace(_Graph(model, clock, step), args, opset, batch is None))
     _expand_fp8(proto)
     _keep_inputs(proto, batch)
     for k, v in _metadata(qmodel, report, per_step, step).items():

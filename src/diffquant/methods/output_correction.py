@@ -42,12 +42,19 @@ class OutputCorrection(nn.Module):
         self.enabled = True
 
     def apply_to(self, eps: torch.Tensor, channels: int | None) -> torch.Tensor:
+        """``eps`` with the gain of the current step (unchanged when off or outside a step)."""
         step = current_step()
         if not self.enabled or step is None:
             return eps
         t = min(max(int(step.timestep), 0), self.gain.numel() - 1)
-        g = self.gain[t].to(eps.dtype)
-        if channels is not None and eps.dim() >= 2 and eps.shape[1] == 2 * channels:  # learned variance
+        return self.scale(eps, self.gain[t].reshape(1), channels)
+
+    @staticmethod
+    def scale(eps: torch.Tensor, gain: torch.Tensor, channels: int | None) -> torch.Tensor:
+        """``eps * gain`` per sample (``gain``: one per sample, or one); with twice ``channels``
+        output channels (a learned variance) only the first half, the noise prediction, is scaled."""
+        g = gain.to(eps.dtype).reshape(-1, *([1] * (eps.dim() - 1)))
+        if channels is not None and eps.dim() >= 2 and eps.shape[1] == 2 * channels:
             return torch.cat([eps[:, :channels] * g, eps[:, channels:]], 1)
         return eps * g
 
@@ -83,9 +90,10 @@ def install(model: nn.Module, num_timesteps: int) -> OutputCorrection:
 
     def hook(module, args, output):
         eps, rebuild = _split_output(output)
-        if eps is None:
+        table = getattr(module, ATTR, None)  # looked up, not closed over: a deep copy uses its own
+        if eps is None or table is None:
             return output
-        return rebuild(oc.apply_to(eps, _input_channels(args)))
+        return rebuild(table.apply_to(eps, _input_channels(args)))
 
     # prepended: it must run while the step hook's time step is still current
     model._diffquant_output_hook = model.register_forward_hook(hook, prepend=True)
