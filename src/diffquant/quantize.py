@@ -238,15 +238,11 @@ def quantize(
     if recipe.needs_calibration:
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)
     # GPTQ overwrites the float weights with rounded ones; the output correction compares with the FP model
-    fp_weights = (
-        {
-            m: m.weight.detach().clone()
-            for m in quant_modules(model)
-            if isinstance(getattr(m, "weight", None), torch.Tensor)
-        }
-        if recipe.output_correction and recipe.weight_method == "gptq"
-        else None
-    )
+    fp_weights = None
+    if recipe.output_correction and recipe.weight_method == "gptq":
+        from diffquant.methods.gptq import float_weights
+
+        fp_weights = float_weights(model)
     if recipe.weight_method != "rtn":
         from diffquant.methods.gptq import round_weights
 

@@ -86,3 +86,20 @@ def test_recipe_with_output_correction_on_gptq_weights_saves_and_loads_exactly(t
     a, _ = sample(model, n=2, steps=4, progress=False)
     b, _ = sample(loaded, n=2, steps=4, progress=False)
     assert torch.equal(a, b)
+
+
+class DictDenoiser(GaussianDenoiser):
+    def forward(self, x, t, class_labels=None):
+        return {"eps": super().forward(x, t, class_labels)}
+
+
+def test_fit_on_an_output_it_cannot_read_says_what_to_do():
+    model = DictDenoiser()
+    install(model, 1000)
+
+    def runner(model, config, observe, progress):  # one observed step of a sampler that reads the dict
+        with denoising_step(0, 500, 1):
+            observe(model, torch.randn(2, 1, 28, 28), torch.full((2,), 500), torch.zeros(2, dtype=torch.long), [0, 1])
+
+    with pytest.raises(ValueError, match="output_correction=False"):
+        fit_output_correction(model, CAL, runner=runner, progress=False)

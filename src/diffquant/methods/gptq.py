@@ -155,6 +155,11 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def float_weights(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """Copies of the float weights :func:`round_weights` would overwrite (for comparing with FP later)."""
+    return {m: m.weight.detach().clone() for _, m in _weight_layers(model)}
+
+
 @torch.no_grad()
 def round_weights(model: nn.Module, method: str, config=None, runner: Callable | None = None, progress=True) -> dict:
     """Choose the integer weights of a prepared model by ``method`` (``rtn``, ``mse`` or ``gptq``).

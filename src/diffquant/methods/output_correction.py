@@ -8,9 +8,9 @@ model's own trajectory (every step of the calibration sampler, each input evalua
 and the quantized model), interpolated over all ``T`` training time steps and stored as a per-step
 table (``gain[t] = 1 / (1 + k_t)``), so inference pays one multiply and a table lookup.
 
-Measured on fashion-unet with int4 weights (GPTQ, groups of 32), DDIM-50: ``k_t`` is about -0.3 % for
-most of the schedule and falls to -1.6 % at the last step (-4.8 % with Hessians that never saw the
-last step); see ``benchmarks/results/ptq_table_n500.md`` for what the correction does to FD.
+Measured on fashion-unet's ``w4a8`` (int4/g32 GPTQ), DDIM-50: ``k_t`` is -0.08 % on average over
+steps 0-39 and -1.6 % at the last step (``benchmarks/results/error_by_step_fashion-unet.md``); the
+correction takes the W4A8 FD gap from +22.0 % to +7.9 % at N = 500 (``ptq_table_n500.md``).
 
 The table lives in a :class:`OutputCorrection` submodule (``model.diffquant_output_correction``), so
 it is saved and loaded with the model; a forward hook applies it. It is off inside
@@ -174,11 +174,16 @@ def fit_output_correction(
         swap(False)
         collector.remove()
     ks = {t: collector.num[t] / collector.den[t] for t in sorted(collector.num) if collector.den[t] > 0}
-    if ks:
-        ts = torch.tensor(sorted(ks), dtype=torch.float64)
-        gains = torch.tensor([1.0 / (1.0 + ks[int(t)]) for t in ts], dtype=torch.float64)
-        grid = torch.arange(oc.gain.numel(), dtype=torch.float64)
-        oc.gain.copy_(_interp(grid, ts, gains).to(oc.gain.dtype))
+    if not ks:
+        raise ValueError(
+            "output correction: no calibration call returned a tensor noise prediction at a sampler step "
+            "(outputs must be a tensor, a tuple starting with one, or have a .sample tensor); "
+            "quantize without it: recipe.replace(output_correction=False)"
+        )
+    ts = torch.tensor(sorted(ks), dtype=torch.float64)
+    gains = torch.tensor([1.0 / (1.0 + ks[int(t)]) for t in ts], dtype=torch.float64)
+    grid = torch.arange(oc.gain.numel(), dtype=torch.float64)
+    oc.gain.copy_(_interp(grid, ts, gains).to(oc.gain.dtype))
     return ks
 
 
