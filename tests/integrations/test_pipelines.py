@@ -159,6 +159,26 @@ def test_rescaled_timesteps_are_detected_and_saved(tmp_path):
     assert fresh.transformer.diffquant_timestep_scale == pytest.approx(1000.0)
 
 
+def test_output_correction_is_fitted_at_the_pipelines_own_steps():
+    # the pipeline runner wraps the denoiser's forward, so its hooks run outside the sampler step,
+    # and this pipeline passes t / 1000: the fit must still see each scheduled integer t
+    from diffquant.calibrate import calibrate
+    from diffquant.methods.output_correction import fit_output_correction
+
+    pipe = _rescaled_pipeline()
+    recipe = get_recipe("w4a8").replace(weight_method="rtn")
+    model = prepare(pipe.transformer, recipe)
+    runner = PipelineRunner(pipe, class_labels=[1, 2])
+    calibrate(model, recipe, CAL, runner=runner, progress=False)
+    ks = fit_output_correction(model, CAL, runner=runner, progress=False)
+    pipe.scheduler.set_timesteps(STEPS)
+    assert sorted(ks) == sorted(int(t) for t in pipe.scheduler.timesteps)
+    gain = model.diffquant_output_correction.gain
+    assert torch.isfinite(gain).all() and (gain - 1).abs().max() > 1e-5, "int4 weights leave a correlated error"
+    for t, k in ks.items():
+        assert float(gain[t]) == pytest.approx(1 / (1 + k), rel=1e-5)
+
+
 def test_text_pipeline_needs_prompts(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     with pytest.raises(ValueError, match="text-conditioned: pass prompts"):

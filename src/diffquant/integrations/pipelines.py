@@ -157,6 +157,7 @@ class PipelineRunner:
             bar.update(hi - lo)
             return out
 
+        forward.__wrapped__ = original  # observers that re-run a call use the model's own forward
         progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)
         model.forward = forward

@@ -75,8 +75,12 @@ def _split_output(output):
     return None, None
 
 
-def _input_channels(args) -> int | None:
-    x = args[0] if args else None
+INPUT_KWARGS = ("sample", "hidden_states", "x")  # how denoisers name their noisy input
+
+
+def _input_channels(args, kwargs=None) -> int | None:
+    """Channels of the noisy input, passed first or by one of the usual keyword names."""
+    x = args[0] if args else next((kwargs[k] for k in INPUT_KWARGS if kwargs and k in kwargs), None)
     return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
@@ -88,49 +92,66 @@ def install(model: nn.Module, num_timesteps: int) -> OutputCorrection:
     oc = OutputCorrection(num_timesteps)
     model.add_module(ATTR, oc)
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         eps, rebuild = _split_output(output)
         table = getattr(module, ATTR, None)  # looked up, not closed over: a deep copy uses its own
         if eps is None or table is None:
             return output
-        return rebuild(table.apply_to(eps, _input_channels(args)))
+        return rebuild(table.apply_to(eps, _input_channels(args, kwargs)))
 
     # prepended: it must run while the step hook's time step is still current
-    model._diffquant_output_hook = model.register_forward_hook(hook, prepend=True)
+    model._diffquant_output_hook = model.register_forward_hook(hook, prepend=True, with_kwargs=True)
     return oc
 
 
 class _ErrorCollector:
     """Observer that, for each observed FP call, runs the quantized model on the same input and
-    accumulates per time step ``sum(d * eps)`` and ``sum(eps * eps)`` with ``d = eps_q - eps``."""
+    accumulates per time step ``sum(d * eps)`` and ``sum(eps * eps)`` with ``d = eps_q - eps``.
+
+    Runners switch ``observing`` on inside the sampler step around the FP call; that arms the
+    collector with the step, and the model's forward hook (which a pipeline runner's own forward
+    wrapper may run outside that step) reads it.
+    """
 
     def __init__(self, model: nn.Module, swap: Callable[[bool], None]):
         self.model = model
         self.swap = swap
-        self.observing = False
         self.busy = False
+        self.armed = None
         self.num: dict[int, float] = {}
         self.den: dict[int, float] = {}
-        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
+
+    @property
+    def observing(self) -> bool:
+        return self.armed is not None
+
+    @observing.setter
+    def observing(self, on: bool):
+        if on and not self.busy:
+            self.armed = current_step()
 
     def _hook(self, module, args, kwargs, output):
-        if not self.observing or self.busy:
+        step, self.armed = self.armed, None
+        if step is None or self.busy:
             return
         from diffquant.calibrate import quantized
+        from diffquant.timestep import denoising_step
 
         eps, _ = _split_output(output)
-        step = current_step()
-        if eps is None or step is None:
+        if eps is None:
             return
+        # the forward under any runner's wrapper (``__wrapped__``), without hooks: the step is set here
+        forward = getattr(self.model.forward, "__wrapped__", self.model.forward)
         self.busy = True
         self.swap(False)
         try:
-            with quantized(self.model):
-                eps_q, _ = _split_output(self.model(*args, **kwargs))
+            with quantized(self.model), denoising_step(step.index, step.timestep, step.num_steps):
+                eps_q, _ = _split_output(forward(*args, **kwargs))
         finally:
             self.swap(True)
             self.busy = False
-        c = _input_channels(args)
+        c = _input_channels(args, kwargs)
         if c is not None and eps.shape[1] == 2 * c:
             eps, eps_q = eps[:, :c], eps_q[:, :c]
         eps, d = eps.double(), (eps_q - eps).double()
