@@ -103,3 +103,20 @@ def test_fit_on_an_output_it_cannot_read_says_what_to_do():
 
     with pytest.raises(ValueError, match="output_correction=False"):
         fit_output_correction(model, CAL, runner=runner, progress=False)
+
+
+class LearnedVariance(torch.nn.Module):
+    """A denoiser named like diffusers' UNets that also predicts a variance: 2 x the input's channels."""
+
+    def forward(self, sample, timestep, class_labels=None):
+        return torch.cat([sample, 3 * sample], 1)
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_gain_scales_only_the_noise_half_of_a_learned_variance_output(by_keyword):
+    model = LearnedVariance()
+    install(model, 1000).gain.fill_(0.5)
+    x = torch.randn(2, 3, 4, 4)
+    with denoising_step(0, 500, 1):
+        out = model(sample=x, timestep=500) if by_keyword else model(x, 500)
+    torch.testing.assert_close(out, torch.cat([0.5 * x, 3 * x], 1))

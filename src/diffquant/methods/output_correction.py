@@ -22,6 +22,7 @@ channels (a learned variance), only the first half (the noise prediction) is.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -75,12 +76,16 @@ def _split_output(output):
     return None, None
 
 
-INPUT_KWARGS = ("sample", "hidden_states", "x")  # how denoisers name their noisy input
+def _input_name(model: nn.Module) -> str | None:
+    """Name of ``model.forward``'s first parameter, the noisy input (``x``, ``sample``, ``hidden_states``)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    return params[0].name if params else None
 
 
-def _input_channels(args, kwargs=None) -> int | None:
-    """Channels of the noisy input, passed first or by one of the usual keyword names."""
-    x = args[0] if args else next((kwargs[k] for k in INPUT_KWARGS if kwargs and k in kwargs), None)
+def _input_channels(args, kwargs, name: str | None) -> int | None:
+    """Channels of the noisy input, passed first or by its parameter ``name``."""
+    x = args[0] if args else kwargs.get(name) if name else None
     return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
@@ -91,13 +96,14 @@ def install(model: nn.Module, num_timesteps: int) -> OutputCorrection:
         return oc
     oc = OutputCorrection(num_timesteps)
     model.add_module(ATTR, oc)
+    name = _input_name(model)
 
     def hook(module, args, kwargs, output):
         eps, rebuild = _split_output(output)
         table = getattr(module, ATTR, None)  # looked up, not closed over: a deep copy uses its own
         if eps is None or table is None:
             return output
-        return rebuild(table.apply_to(eps, _input_channels(args, kwargs)))
+        return rebuild(table.apply_to(eps, _input_channels(args, kwargs, name)))
 
     # prepended: it must run while the step hook's time step is still current
     model._diffquant_output_hook = model.register_forward_hook(hook, prepend=True, with_kwargs=True)
@@ -118,6 +124,7 @@ class _ErrorCollector:
         self.swap = swap
         self.busy = False
         self.armed = None
+        self.input_name = _input_name(model)
         self.num: dict[int, float] = {}
         self.den: dict[int, float] = {}
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
@@ -151,7 +158,7 @@ class _ErrorCollector:
         finally:
             self.swap(True)
             self.busy = False
-        c = _input_channels(args, kwargs)
+        c = _input_channels(args, kwargs, self.input_name)
         if c is not None and eps.shape[1] == 2 * c:
             eps, eps_q = eps[:, :c], eps_q[:, :c]
         eps, d = eps.double(), (eps_q - eps).double()
