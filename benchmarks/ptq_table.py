@@ -25,6 +25,8 @@ Methods:
     smoothquant-0.8  default + SmoothQuant with a fixed alpha of 0.8
     minmax   all steps observed, min-max over all of them
     percentile  TensorRT's Percentile Quant: per-step amax, mean over the first 100 % of the steps
+    seq      default with sequential GPTQ (``gptq-seq``: each layer rounded from its inputs in the
+             partly quantized model)
     no-oc    default without the per-step output correction (the ablation of the recipes that have it)
     mixed-4.5   default with mixed-precision weights at an average of 4.5 nominal bits (layers
              move from the row's weight format to int8 by measured sensitivity)
@@ -88,6 +90,7 @@ METHODS = {
     ),
     "mixed-4.5": dict(weight_bits_budget=4.5),
     "no-oc": dict(output_correction=False),
+    "seq": dict(weight_method="gptq-seq"),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 

@@ -72,6 +72,41 @@ def observing(quantizers: list[ActQuantizer], on: bool = True):
             q.observing = b
 
 
+class CallObserver:
+    """Base of observers that act on whole denoiser calls at the observed steps.
+
+    Runners switch ``observing`` on inside the sampler step around the FP call of the selected rows;
+    that arms the observer with the step, and a forward hook on the model (which a pipeline runner's
+    own forward wrapper may run outside that step) reads it and passes the call to :meth:`on_call`.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.busy = False  # set while the observer itself calls the model
+        self.armed = None
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
+
+    @property
+    def observing(self) -> bool:
+        return self.armed is not None
+
+    @observing.setter
+    def observing(self, on: bool):
+        if on and not self.busy:
+            self.armed = current_step()
+
+    def _hook(self, module, args, kwargs, output):
+        step, self.armed = self.armed, None
+        if step is not None and not self.busy:
+            self.on_call(args, kwargs, output, step)
+
+    def on_call(self, args: tuple, kwargs: dict, output, step) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def _quant_switches(model: nn.Module) -> list[tuple[object, str]]:
     from diffquant.methods.output_correction import OutputCorrection
     from diffquant.nn.modules import QuantModule

@@ -239,7 +239,7 @@ def quantize(
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)
     # GPTQ overwrites the float weights with rounded ones; the output correction compares with the FP model
     fp_weights = None
-    if recipe.output_correction and recipe.weight_method == "gptq":
+    if recipe.output_correction and recipe.weight_method.startswith("gptq"):
         from diffquant.methods.gptq import float_weights
 
         fp_weights = float_weights(model)

@@ -29,7 +29,7 @@ QUANT_LEVELS = (1.0, 2.0, 2.5, 3.0, 4.0)
 # Layer roles for quant levels (TensorRT Model Optimizer's diffusion levels), by name pattern.
 FEED_FORWARD = ("*ff.net.*", "*.ff.*", "*feed_forward*", "*mlp.*")
 QKV = ("*to_q", "*to_k", "*to_v", "*add_q_proj", "*add_k_proj", "*add_v_proj", "*to_qkv")
-WEIGHT_METHODS = ("rtn", "mse", "gptq")  # how integer weights are rounded: diffquant.methods.gptq
+WEIGHT_METHODS = ("rtn", "mse", "gptq", "gptq-seq")  # how integer weights are rounded: diffquant.methods.gptq
 
 # Layers kept in float by default, as TensorRT's diffusion recipe does: the first and last layers
 # (UNet conv_in / conv_out, DiT patch embedding / final projection).
@@ -136,9 +136,10 @@ class Recipe:
         weights: weight format (``int8``, ``int4``, ``fp8_e4m3``, ``ternary``, ``binary``), or ``none``.
         weight_group_size: weights per scale (32-128), or ``None`` for one scale per output channel.
         weight_method: how integer weights are rounded: ``rtn`` (nearest, absmax scales), ``mse``
-            (nearest, scales searched for the least rounding error) or ``gptq`` (GPTQ's
-            error-compensating rounding with Hessians from the calibration trajectory); see
-            :mod:`diffquant.methods.gptq`.
+            (nearest, scales searched for the least rounding error), ``gptq`` (GPTQ's
+            error-compensating rounding with Hessians from the calibration trajectory) or
+            ``gptq-seq`` (GPTQ layer after layer, each from its inputs in the partly quantized
+            model); see :mod:`diffquant.methods.gptq`.
         activations: activation format (``int8``, ``int6``, ``int4``, ``fp8_e4m3``), or ``none``
             for weight-only quantization.
         act_mode: ``static`` (one scale for all steps), ``bucketed`` (``buckets`` groups of

@@ -29,6 +29,8 @@ RECIPES = {
     "w8a8": get_recipe("w8a8"),
     "w8a8-tdq": get_recipe("w8a8-tdq").replace(tdq_iters=150),
     "w4a8": get_recipe("w4a8"),  # GPTQ: Hessians collected by running the pipeline
+    # sequential GPTQ: the pipeline's denoiser calls recorded (keyword inputs, CFG batches) and replayed
+    "w4a8-seq": get_recipe("w4a8").replace(name="w4a8-seq", weight_method="gptq-seq"),
 }
 
 
@@ -61,6 +63,8 @@ def test_quantize_run_save_load_identical_images(kind, recipe, tmp_path):
     quantized = [m for m in denoiser(pipe).modules() if isinstance(m, QuantModule)]
     attention = [m for m in denoiser(pipe).modules() if hasattr(m, "quant_matmuls")]
     assert len(quantized) >= 10 and attention, "the denoiser's Linear/Conv layers and attention are quantized"
+    if RECIPES[recipe].weight_method.startswith("gptq"):  # rounded from the pipeline's own calls
+        assert len(denoiser(pipe).diffquant_gptq_error_ratios) >= 10
     q_images = run(pipe, kind)
     assert not np.array_equal(q_images, fp_images)
     # 8-bit weights and activations on a random tiny model: close to FP, not equal (measured 42-66 dB)

@@ -92,19 +92,60 @@ def test_gptq_recipe_end_to_end_beats_round_to_nearest_and_saves_exactly(kind, t
     with torch.no_grad():
         refs = [tiny_model(kind)(x, t, y) for x, t, y in inputs]
     errors = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "gptq-seq"):
         recipe = get_recipe("w4a16").replace(weight_method=method)
         model = quantize(tiny_model(kind), recipe, CAL, progress=False)
         with torch.no_grad():
             errors[method] = sum((model(*i) - r).pow(2).mean().item() for i, r in zip(inputs, refs, strict=True))
-    assert errors["gptq"] < errors["rtn"]
+        if method != "rtn":
+            ratios = model.diffquant_gptq_error_ratios
+            assert ratios and sum(ratios.values()) / len(ratios) < 0.9
+    assert errors["gptq"] < errors["rtn"] and errors["gptq-seq"] < errors["rtn"]
     x, t, y = inputs[0]
-    ratios = model.diffquant_gptq_error_ratios
-    assert ratios and sum(ratios.values()) / len(ratios) < 0.9
-    save_quantized(model, tmp_path / "q")
+    save_quantized(model, tmp_path / "q")  # the gptq-seq model
     loaded = load_quantized(tmp_path / "q", tiny_model(kind))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+class _Chain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.first = torch.nn.Linear(16, 24)
+        self.second = torch.nn.Linear(24, 8)
+
+    def forward(self, x, t, cond=None):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_sequential_gptq_rounds_each_layer_from_its_inputs_in_the_partly_quantized_model():
+    """``gptq-seq``: the second layer's Hessian comes from the first layer's *rounded* output, replayed
+    from the recorded calls (through a custom runner); independent GPTQ would use the float output."""
+    from diffquant.timestep import denoising_step
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [correlated_inputs(8, 16, seed=i) + 0.1 * torch.randn(8, 16, generator=gen) for i in range(3)]
+
+    def run(model, config, observe, progress=True):
+        for i, x in enumerate(xs):
+            t = torch.full((8,), 100 * i)
+            with denoising_step(i, 100 * i, len(xs)):
+                observe(model, x, t, None, list(range(8)))
+        return [0, 100, 200]
+
+    model = quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), run, progress=False)
+    fp = _Chain()
+    h1 = sum(x.T @ x for x in xs) / 24
+    q1, _ = gptq_quantize(fp.first.weight.detach(), h1, INT4, 32)
+    torch.testing.assert_close(model.first.quantized_weight(), q1, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        seq_in = [torch.relu(F.linear(x, q1, fp.first.bias)) for x in xs]
+        fp_in = [torch.relu(fp.first(x)) for x in xs]
+    q2, _ = gptq_quantize(fp.second.weight.detach(), sum(a.T @ a for a in seq_in) / 24, INT4, 32)
+    q2_fp_inputs, _ = gptq_quantize(fp.second.weight.detach(), sum(a.T @ a for a in fp_in) / 24, INT4, 32)
+    assert not torch.allclose(q2, q2_fp_inputs)  # the two modes differ on this model
+    torch.testing.assert_close(model.second.quantized_weight(), q2, rtol=0, atol=1e-6)
 
 
 def test_round_weights_rejects_unknown_methods_and_recipe_validates():
@@ -156,3 +197,11 @@ def test_gptq_on_a_model_without_a_sampler_says_what_to_pass():
         quantize(Bare(), "w4a16", progress=False)
     q = quantize(Bare(), get_recipe("w4a16").replace(weight_method="rtn"), progress=False)  # data-free works
     assert q.lin.frozen
+
+
+def test_sequential_gptq_without_observed_calls_says_what_to_do():
+    def run(model, config, observe, progress=True):  # a runner that never reaches a selected step
+        return []
+
+    with pytest.raises(ValueError, match="weight_method='gptq'"):
+        quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), run, progress=False)

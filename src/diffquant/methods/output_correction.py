@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffquant.calibrate import CallObserver
 from diffquant.timestep import current_step
 
 ATTR = "diffquant_output_correction"
@@ -110,38 +111,18 @@ def install(model: nn.Module, num_timesteps: int) -> OutputCorrection:
     return oc
 
 
-class _ErrorCollector:
+class _ErrorCollector(CallObserver):
     """Observer that, for each observed FP call, runs the quantized model on the same input and
-    accumulates per time step ``sum(d * eps)`` and ``sum(eps * eps)`` with ``d = eps_q - eps``.
-
-    Runners switch ``observing`` on inside the sampler step around the FP call; that arms the
-    collector with the step, and the model's forward hook (which a pipeline runner's own forward
-    wrapper may run outside that step) reads it.
-    """
+    accumulates per time step ``sum(d * eps)`` and ``sum(eps * eps)`` with ``d = eps_q - eps``."""
 
     def __init__(self, model: nn.Module, swap: Callable[[bool], None]):
-        self.model = model
+        super().__init__(model)
         self.swap = swap
-        self.busy = False
-        self.armed = None
         self.input_name = _input_name(model)
         self.num: dict[int, float] = {}
         self.den: dict[int, float] = {}
-        self.handle = model.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
 
-    @property
-    def observing(self) -> bool:
-        return self.armed is not None
-
-    @observing.setter
-    def observing(self, on: bool):
-        if on and not self.busy:
-            self.armed = current_step()
-
-    def _hook(self, module, args, kwargs, output):
-        step, self.armed = self.armed, None
-        if step is None or self.busy:
-            return
+    def on_call(self, args, kwargs, output, step):
         from diffquant.calibrate import quantized
         from diffquant.timestep import denoising_step
 
@@ -165,9 +146,6 @@ class _ErrorCollector:
         t = int(step.timestep)
         self.num[t] = self.num.get(t, 0.0) + float((d * eps).sum())
         self.den[t] = self.den.get(t, 0.0) + float((eps * eps).sum())
-
-    def remove(self):
-        self.handle.remove()
 
 
 @torch.no_grad()
