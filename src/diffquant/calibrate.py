@@ -12,6 +12,7 @@ per sample, the step nearest ``t = int(N(0.4, 0.4) T)`` clamped to ``[0, T)``), 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable
 
@@ -72,7 +73,7 @@ def observing(quantizers: list[ActQuantizer], on: bool = True):
             q.observing = b
 
 
-class CallObserver:
+class CallObserver(abc.ABC):
     """Base of observers that act on whole denoiser calls at the observed steps.
 
     Runners switch ``observing`` on inside the sampler step around the FP call of the selected rows;
@@ -100,8 +101,9 @@ class CallObserver:
         if step is not None and not self.busy:
             self.on_call(args, kwargs, output, step)
 
+    @abc.abstractmethod
     def on_call(self, args: tuple, kwargs: dict, output, step) -> None:
-        raise NotImplementedError
+        """One observed call of the model: its inputs, its output and the step it was armed with."""
 
     def remove(self) -> None:
         self.handle.remove()
