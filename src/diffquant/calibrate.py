@@ -109,6 +109,31 @@ class CallObserver(abc.ABC):
         self.handle.remove()
 
 
+def clone_tensors(value):
+    """Detached copies of the tensors in a call's arguments (tuples, lists and dicts walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(clone_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return {k: clone_tensors(v) for k, v in value.items()}
+    return value
+
+
+class CallRecorder(CallObserver):
+    """Keeps the observed denoiser calls ``(args, kwargs, step)`` for replaying them; with
+    ``keep_output`` also the call's output, as ``(args, kwargs, step, output)``."""
+
+    def __init__(self, model: nn.Module, keep_output: bool = False):
+        super().__init__(model)
+        self.keep_output = keep_output
+        self.calls: list[tuple] = []
+
+    def on_call(self, args, kwargs, output, step):
+        call = (clone_tensors(args), clone_tensors(kwargs), step)
+        self.calls.append((*call, clone_tensors(output)) if self.keep_output else call)
+
+
 def _quant_switches(model: nn.Module) -> list[tuple[object, str]]:
     from diffquant.methods.output_correction import OutputCorrection
     from diffquant.nn.modules import QuantModule
@@ -219,10 +244,30 @@ def observed_call(quantizers: list[ActQuantizer], call: Callable, rows: list[int
     return call(None)
 
 
+def recipe_observer(recipe: Recipe):
+    """A fresh observer of the kind (and settings) ``recipe`` calibrates activations with."""
+    kwargs = {"percentile": {"percentile": recipe.percentile}, "mse": {"p": recipe.lp_norm}}.get(recipe.observer, {})
+    return make_observer(recipe.observer, **kwargs)
+
+
+def _observed_range(recipe: Recipe, qtype, symmetric: bool):
+    """``x -> (lo, hi)``: the range the recipe's observer picks for ``x`` seen at one step."""
+
+    def act_range(x: torch.Tensor):
+        obs = recipe_observer(recipe)
+        obs.update(x, 0)
+        return obs.range(qtype, symmetric)
+
+    return act_range
+
+
 @torch.no_grad()
-def smooth(model: nn.Module, recipe: Recipe, config: CalibrationConfig, runner=None, progress=True) -> dict[str, float]:
+def smooth(
+    model: nn.Module, recipe: Recipe, config: CalibrationConfig, runner=None, progress=True
+) -> dict[str, float | None]:
     """SmoothQuant's first pass: per-channel activation maxima and sample rows on the trajectory,
-    then each layer's factors with a fixed or searched alpha. Returns ``{layer: alpha}``."""
+    then each layer's factors with a fixed or searched alpha. Returns ``{layer: alpha}`` (``None``:
+    the search kept the layer unsmoothed)."""
     from diffquant.methods.smoothquant import SmoothStats, search_alpha, smoothing_factors
     from diffquant.nn.modules import QuantModule
 
@@ -242,7 +287,10 @@ def smooth(model: nn.Module, recipe: Recipe, config: CalibrationConfig, runner=N
                 alpha, s = recipe.smoothquant_alpha, smoothing_factors(stats.absmax, m.weight, recipe.smoothquant_alpha)
             else:
                 q = m.input_quantizer
-                alpha, s, _ = search_alpha(stats, m.weight, q.qtype, m.weight_qtype, m.group_size, q.symmetric)
+                alpha, s, _ = search_alpha(
+                    stats, m.weight, q.qtype, m.weight_qtype, m.group_size, q.symmetric,
+                    act_range=_observed_range(recipe, q.qtype, q.symmetric),
+                )  # fmt: skip
             m.smooth.copy_(s.to(m.smooth.dtype))
             alphas[name] = alpha
         model.diffquant_smoothquant_alphas = alphas
@@ -296,11 +344,8 @@ def calibrate(
     if recipe.smoothquant:
         smooth(model, recipe, config, runner, progress)
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode != "dynamic"]
-    obs_kwargs = {"percentile": {"percentile": recipe.percentile}, "mse": {"p": recipe.lp_norm}}.get(
-        recipe.observer, {}
-    )
     for q in quants:
-        q.observer = make_observer(recipe.observer, **obs_kwargs)
+        q.observer = recipe_observer(recipe)
     try:
         with full_precision(model):
             timesteps = (runner or _builtin_runner)(model, config, _make_observe(model), progress)

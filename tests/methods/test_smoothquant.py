@@ -71,3 +71,27 @@ def test_fixed_alpha_is_used():
     assert set(q.diffquant_smoothquant_alphas.values()) == {0.8}
     with pytest.raises(ValueError, match="smoothquant_alpha"):
         get_recipe("w8a8").replace(smoothquant_alpha=1.5)
+
+
+def test_search_has_no_smoothing_as_a_candidate_and_smooths_outliers_under_the_recipes_observer():
+    from diffquant.calibrate import _observed_range
+    from diffquant.recipe import get_recipe
+
+    act_range = _observed_range(get_recipe("w8a8"), int8, False)
+    # every channel alike: all alphas give s = 1, a tie, which goes to "no smoothing"
+    x = torch.randint(0, 2, (512, 64)).float() * 2 - 1
+    w = torch.randint(0, 2, (32, 64)).float() * 2 - 1
+    stats = SmoothStats()
+    stats.update(x)
+    alpha, s, errors = search_alpha(stats, w, int8, int8, None, False, act_range=act_range)
+    assert alpha is None and torch.equal(s, torch.ones(64)) and len(set(errors.values())) == 1
+    # outlier channels: smoothing wins by a wide margin under the same (clipping) observer
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    x[:, :3] *= 60
+    w = torch.randn(32, 64) * 0.05
+    stats = SmoothStats()
+    stats.update(x)
+    alpha, _, errors = search_alpha(stats, w, int8, int8, None, False, act_range=act_range)
+    assert alpha is not None and errors[alpha] == min(errors.values()) and errors[alpha] < 0.5 * errors[None]
+    assert search_alpha(stats, w, int8, int8, None, False, allow_off=False)[0] is not None

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.calibrate import CallObserver
+from diffquant.calibrate import CallRecorder
 from diffquant.qtypes import QType
 from diffquant.recipe import WEIGHT_METHODS
 
@@ -254,28 +254,6 @@ def _round_layer(m: nn.Module, c: HessianCollector) -> float | None:
     return e_gptq / e_rtn if e_rtn > 0 else 1.0
 
 
-def _clone(value):
-    """Detached copies of the tensors in a call's arguments (tuples, lists and dicts walked)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
-
-
-class _CallRecorder(CallObserver):
-    """Keeps the observed denoiser calls ``(args, kwargs, step)`` for replaying them."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.calls: list[tuple] = []
-
-    def on_call(self, args, kwargs, output, step):
-        self.calls.append((_clone(args), _clone(kwargs), step))
-
-
 def _replay(model: nn.Module, call: tuple) -> None:
     """Run one recorded call (the model's forward, without its hooks) at its step; a ``_Stop`` ends it."""
     from diffquant.timestep import denoising_step
@@ -294,7 +272,7 @@ def _round_sequential(model: nn.Module, layers, config, runner, progress: bool) 
     from diffquant.methods.output_correction import OutputCorrection
     from diffquant.nn.modules import QuantModule
 
-    recorder = _CallRecorder(model)
+    recorder = CallRecorder(model)
     try:
         with full_precision(model):
             (runner or _builtin_runner)(model, config, _make_observe(model, [recorder]), progress)

@@ -6,10 +6,15 @@ For a Linear layer ``y = x W^T``, per input channel ``j``::
 
 moves quantization difficulty from activation outliers to the weights. NVIDIA's recipe fixes
 alpha by hand; here each layer picks alpha from a grid by the output error of the quantized layer
-on calibration rows drawn from every observed step.
+on calibration rows drawn from every observed step, with the activation range chosen the way the
+recipe's observer will choose it (a min-max search would favour smoothing where the real, clipped
+range does not need it), and "no smoothing" is a candidate too: a layer without outlier channels
+keeps ``s = 1``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -69,12 +74,16 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
 
 def layer_error(
     rows: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_qtype: QType, weight_qtype: QType | None,
-    group_size: int | None, symmetric: bool,
+    group_size: int | None, symmetric: bool, act_range: Callable | None = None,
 ) -> float:  # fmt: skip
-    """Relative output error of the smoothed, quantized layer on ``rows`` (per-tensor min-max activations)."""
+    """Relative output error of the smoothed, quantized layer on ``rows``.
+
+    ``act_range(x) -> (lo, hi)`` picks the per-tensor activation range (default: min-max).
+    """
     ref = rows @ weight.T.float()
     xs = rows / s
-    scale, zp = P.scale_from_range(xs.min(), xs.max(), act_qtype, symmetric)
+    lo, hi = act_range(xs) if act_range is not None else (xs.min(), xs.max())
+    scale, zp = P.scale_from_range(torch.as_tensor(lo), torch.as_tensor(hi), act_qtype, symmetric)
     xq = P.fake_quant(xs, act_qtype, scale, zp, symmetric)
     ws = weight.float() * s
     wq = P.fake_quant_weight(ws, weight_qtype, group_size) if weight_qtype is not None else ws
@@ -84,12 +93,19 @@ def layer_error(
 
 def search_alpha(
     stats: SmoothStats, weight: torch.Tensor, act_qtype: QType, weight_qtype: QType | None, group_size: int | None,
-    symmetric: bool, grid=ALPHA_GRID,
-) -> tuple[float, torch.Tensor, dict[float, float]]:  # fmt: skip
-    """The alpha of ``grid`` with the smallest output error; returns ``(alpha, s, {alpha: error})``."""
-    errors = {}
-    for a in grid:
-        s = smoothing_factors(stats.absmax, weight, a)
-        errors[a] = layer_error(stats.rows, weight, s, act_qtype, weight_qtype, group_size, symmetric)
-    best = min(errors, key=errors.get)
-    return best, smoothing_factors(stats.absmax, weight, best), errors
+    symmetric: bool, grid=ALPHA_GRID, act_range: Callable | None = None, allow_off: bool = True,
+) -> tuple[float | None, torch.Tensor, dict[float | None, float]]:  # fmt: skip
+    """The alpha of ``grid`` with the smallest output error; returns ``(alpha, s, {alpha: error})``.
+
+    With ``allow_off``, ``None`` (no smoothing, ``s = 1``) is a candidate and wins ties.
+    ``act_range`` is passed to :func:`layer_error`.
+    """
+    ones = torch.ones(weight.shape[1])
+    candidates = [(None, ones)] if allow_off else []
+    candidates += [(a, smoothing_factors(stats.absmax, weight, a)) for a in grid]
+    errors = {
+        a: layer_error(stats.rows, weight, s, act_qtype, weight_qtype, group_size, symmetric, act_range)
+        for a, s in candidates
+    }
+    best = min(errors, key=errors.get)  # the first minimum: no smoothing on a tie
+    return best, dict(candidates)[best], errors
