@@ -238,8 +238,9 @@ def quantize(
     if recipe.needs_calibration:
         calibrate(model, recipe, recipe.calibration, runner=runner, progress=progress)
     # GPTQ overwrites the float weights with rounded ones; the output correction compares with the FP model
+    fit_output = recipe.act_mode == "tdq" and recipe.tdq_fit == "output"
     fp_weights = None
-    if recipe.output_correction and recipe.weight_method.startswith("gptq"):
+    if (recipe.output_correction or fit_output) and recipe.weight_method.startswith("gptq"):
         from diffquant.methods.gptq import float_weights
 
         fp_weights = float_weights(model)
@@ -249,6 +250,13 @@ def quantize(
         model.diffquant_gptq_error_ratios = round_weights(
             model, recipe.weight_method, recipe.calibration, runner=runner, progress=progress
         )
+    if fit_output:
+        from diffquant.methods.tdq import fit_to_output
+
+        model.diffquant_tdq_fit = fit_to_output(
+            model, recipe.calibration, runner=runner, progress=progress, fp_weights=fp_weights,
+            iters=recipe.tdq_fit_iters, n_samples=recipe.calibration.n_samples,
+        )  # fmt: skip
     if recipe.output_correction:
         from diffquant.methods.output_correction import fit_output_correction
 

@@ -162,6 +162,10 @@ class Recipe:
         overrides: per-module :class:`Override` entries, the last match wins.
         calibration: :class:`CalibrationConfig`.
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
+        tdq_fit: what the TDQ generators are fitted to: ``range`` (each layer's per-step optimal
+            range) or ``output`` (the range fit, then trained on the denoiser's output error along
+            the trajectory, :func:`diffquant.methods.tdq.fit_to_output`).
+        tdq_fit_iters: gradient steps per calibrated time step of the ``output`` fit.
         smoothquant: SmoothQuant on every quantized Linear (x / s, W * s).
         smoothquant_alpha: a fixed migration strength, or ``None`` to search it per layer.
         weight_bits_budget: mixed precision: average nominal weight bits (e.g. 4.5) over the
@@ -199,6 +203,8 @@ class Recipe:
     tdq_hidden: int = 64
     tdq_freqs: int = 8
     tdq_iters: int = 600
+    tdq_fit: str = "range"
+    tdq_fit_iters: int = 8
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
     quant_level: float | None = None
@@ -222,6 +228,8 @@ class Recipe:
             raise ValueError(f"act_mode must be static, bucketed, tdq or dynamic, got {self.act_mode!r}")
         if self.tdq_hidden < 1 or self.tdq_freqs < 1 or self.tdq_iters < 0:
             raise ValueError("tdq_hidden and tdq_freqs must be >= 1, tdq_iters >= 0")
+        if self.tdq_fit not in ("range", "output") or self.tdq_fit_iters < 0:
+            raise ValueError(f"tdq_fit must be 'range' or 'output' and tdq_fit_iters >= 0, got {self.tdq_fit!r}")
         if self.act_granularity not in ("tensor", "token"):
             raise ValueError(f"act_granularity must be tensor or token, got {self.act_granularity!r}")
         if self.act_granularity == "token" and self.act_mode != "dynamic":

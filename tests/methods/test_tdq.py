@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffquant import CalibrationConfig, load_quantized, quantize, save_quantized
+from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
 from diffquant import primitives as P
 from diffquant.methods.tdq import TDQGenerator, fit_generators
 from diffquant.nn import ActQuantizer
@@ -139,3 +139,80 @@ def test_interval_plot_shows_table_and_per_step_optimum(tmp_path):
     loaded = load_quantized(tmp_path / "q", model=tiny_model("unet"))
     with pytest.raises(ValueError, match=r"right after diffquant\.quantize"):
         plot_tdq_intervals([q for q in loaded.modules() if isinstance(q, ActQuantizer)], tmp_path / "x.png")
+
+
+def _tables(model):
+    return [(q.scale.clone(), q.zero_point.clone()) for q in model.modules() if isinstance(q, ActQuantizer)]
+
+
+class _Mixer(torch.nn.Module):
+    """``y = 0.01 x_0 + 10 x_1``: a wide, unimportant channel beside a narrow, important one."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.tensor([[0.01, 10.0]]))
+
+    def forward(self, x, t, cond=None):
+        return self.mix(x)
+
+
+def _mixer_runner(model, config, observe, progress=True):
+    gen = torch.Generator().manual_seed(0)
+    steps = [900, 500, 100]
+    for i, t in enumerate(steps):
+        for _ in range(2):  # two calls per step
+            x = torch.cat([torch.rand(64, 1, generator=gen) * 16 - 8, 0.1 * torch.randn(64, 1, generator=gen)], 1)
+            with denoising_step(i, t, len(steps)):
+                observe(model, x * (1 + t / 1000), torch.full((64,), t), None, list(range(64)))
+    return steps
+
+
+def test_output_fit_finds_the_range_the_output_needs_where_the_layers_own_range_is_wrong():
+    """The per-step range that is best for the layer's input covers the wide channel and rounds the
+    important narrow one to zero at int4; the output fit clips the wide channel instead."""
+    recipe = get_recipe("w8a4-tdq").replace(exclude=(), weight_only=(), attention=False, tdq_fit_iters=100)
+    ranged = quantize(_Mixer(), recipe, _mixer_runner, progress=False)
+    model = quantize(_Mixer(), recipe.replace(tdq_fit="output"), _mixer_runner, progress=False)
+    fit = model.diffquant_tdq_fit
+    assert fit["kept"] and fit["loss_after"] < 0.5 * fit["loss_before"] and fit["steps_improved"] == 3
+    q, q0 = model.mix.input_quantizer, ranged.mix.input_quantizer
+    assert (q.scale[[100, 500, 900]] < 0.5 * q0.scale[[100, 500, 900]]).all()
+    # the frozen table is the refitted generator's output
+    t = torch.tensor([0, 100, 500, 999])
+    lo, hi = q.generator.ranges(t)
+    torch.testing.assert_close(q.scale[t], P.scale_from_range(lo, hi, q.qtype, q.symmetric)[0])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(256, 1, generator=gen) * 16 - 8, 0.1 * torch.randn(256, 1, generator=gen)], 1) * 1.5
+    errs = {}
+    for key, m in (("range", ranged), ("output", model)):
+        with torch.no_grad(), denoising_step(1, 500, 3):
+            errs[key] = (m(x, torch.full((256,), 500)) - _Mixer()(x, None)).pow(2).mean().item()
+    assert errs["output"] < 0.5 * errs["range"]
+
+
+def test_output_fit_that_does_not_help_keeps_the_range_fit():
+    torch.manual_seed(0)
+    ranged = quantize(tiny_model("unet"), "w8a4-tdq", CAL, progress=False)
+    torch.manual_seed(0)
+    recipe = get_recipe("w8a4-tdq").replace(tdq_fit="output", tdq_fit_iters=0)  # no step: no lower error
+    model = quantize(tiny_model("unet"), recipe, CAL, progress=False)
+    assert not model.diffquant_tdq_fit["kept"]
+    for a, b in zip(_tables(model), _tables(ranged), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_take_rows_cuts_batch_tensors_only():
+    from diffquant.methods.tdq import _take_rows
+
+    rows = torch.tensor([2, 0])
+    args = (torch.arange(4.0), torch.tensor(7), {"cond": torch.ones(4, 3), "ctx": torch.ones(2, 5)}, "x")
+    x, t, kw, s = _take_rows(args, rows, 4)
+    assert torch.equal(x, torch.tensor([2.0, 0.0])) and t.item() == 7 and s == "x"
+    assert kw["cond"].shape == (2, 3) and kw["ctx"].shape == (2, 5)
+
+
+def test_tdq_fit_must_be_range_or_output():
+    with pytest.raises(ValueError, match="tdq_fit must be"):
+        get_recipe("w8a4-tdq").replace(tdq_fit="loss")

@@ -126,3 +126,176 @@ def fit_generators(
                 lin.weight.copy_(weights[k][i].T)
                 lin.bias.copy_(biases[k][i])
     return per.tolist()
+
+
+def _generator_quantizers(model: nn.Module) -> list:
+    from diffquant.nn.quantizer import ActQuantizer
+
+    return [q for q in model.modules() if isinstance(q, ActQuantizer) and q.generator is not None]
+
+
+def _take_rows(value, rows: torch.Tensor, n: int):
+    """``value`` with the tensors whose first dimension is ``n`` (the batch) cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() >= 1 and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, n) for k, v in value.items()}
+    return value
+
+
+def fit_to_output(
+    model: nn.Module,
+    config,
+    runner=None,
+    progress: bool = True,
+    fp_weights: dict | None = None,
+    iters: int = 8,
+    lr: float = 0.05,
+    n_samples: int = 128,
+    batch: int = 32,
+    refit_iters: int = 600,
+    seed: int = 0,
+) -> dict:
+    """Refit the TDQ generators of a calibrated model to ranges chosen by the denoiser's output error.
+
+    The range fit (:func:`fit_generators`) makes each ``g(t)`` follow the per-step range that is
+    best for its own layer; at 4-bit activations the ranges that are best for the denoiser's output
+    differ (clipping one layer harder can cost less downstream than the rounding noise it saves).
+    The FP model's calls are recorded once (inputs and outputs, every step of ``n_samples``
+    trajectories), and every row is put in a training or a held-out half. Since the output at step
+    ``t`` depends only on the ranges at ``t``, the steps are fitted one at a time: per step, a
+    log-multiplier of each quantizer's two extents is trained (``iters`` Adam steps on ``batch``
+    training rows, LSQ's straight-through gradient through the quantized model, every other
+    parameter frozen) to minimise ``||eps_q(x_t, t) - eps(x_t, t)||^2``, and kept only if it lowers
+    that step's held-out error. The generators are then refitted (:func:`fit_generators`) to the new
+    per-step extents, which keeps ``g`` a smooth function of ``t`` for unseen steps; if the refitted
+    generators do not lower the held-out error over all steps, the range fit is kept. Call it after
+    weight rounding, so the ranges are fitted to the weights that run; pass ``fp_weights`` when the
+    model's own were replaced by rounded ones (GPTQ).
+
+    Returns ``{"loss_before", "loss_after", "kept", "steps_improved", "steps"}`` (held-out mean
+    squared output error before and after).
+    """
+    import copy
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from diffquant.calibrate import CallRecorder, _builtin_runner, _make_observe, _quant_switches, full_precision
+    from diffquant.methods.output_correction import OutputCorrection, _input_channels, _input_name, _split_output
+    from diffquant.timestep import denoising_step
+
+    quants = _generator_quantizers(model)
+    if not quants:
+        return {}
+    config = dataclasses.replace(config, selection="all", n_samples=max(2, n_samples))
+    fp_weights = fp_weights or {}
+    rounded = {m: m.weight.detach() for m in fp_weights}
+    for m, w in fp_weights.items():
+        m.weight.data = w
+    recorder = CallRecorder(model, keep_output=True)
+    try:
+        with torch.no_grad(), full_precision(model):
+            (runner or _builtin_runner)(model, config, _make_observe(model, [recorder]), progress)
+    finally:
+        for m, w in rounded.items():
+            m.weight.data = w
+        recorder.remove()
+    name = _input_name(model)
+    train: dict[int, list] = {}  # time step -> [(args, kwargs, step, eps, channels)] of training rows
+    held: dict[int, list] = {}
+    for args, kwargs, step, output in recorder.calls:
+        eps, _ = _split_output(output)
+        if eps is None or eps.shape[0] < 2:
+            continue
+        c = _input_channels(args, kwargs, name)
+        eps = eps if c is None or eps.shape[1] != 2 * c else eps[:, :c]
+        n = eps.shape[0]
+        for part, rows in ((train, torch.arange(0, n, 2)), (held, torch.arange(1, n, 2))):
+            cut = (_take_rows(args, rows, n), _take_rows(kwargs, rows, n), step, eps[rows], c)
+            part.setdefault(int(step.timestep), []).append(cut)
+    if not train:
+        raise ValueError(
+            "TDQ output fit: no calibration call returned a tensor noise prediction for two or more rows, so "
+            "there is nothing to train and hold out; use tdq_fit='range'"
+        )
+    forward = getattr(model.forward, "__wrapped__", model.forward)
+
+    def loss_of(call, rows=None) -> torch.Tensor:
+        args, kwargs, step, eps, c = call
+        if rows is not None:
+            n = eps.shape[0]
+            args, kwargs, eps = _take_rows(args, rows, n), _take_rows(kwargs, rows, n), eps[rows]
+        with denoising_step(step.index, step.timestep, step.num_steps):
+            out, _ = _split_output(forward(*args, **kwargs))
+        if c is not None and out.shape[1] == 2 * c:
+            out = out[:, :c]
+        return F.mse_loss(out.float(), eps.float())
+
+    def mean_loss(calls) -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(c)) for c in calls) / len(calls)
+
+    switches = _quant_switches(model)
+    before = [getattr(o, a) for o, a in switches]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    start = [copy.deepcopy(q.generator.state_dict()) for q in quants]
+    steps = sorted(train)
+    rng = torch.Generator().manual_seed(seed)
+    try:
+        for o, a in switches:  # quantized, output correction off (fitted afterwards, on these ranges)
+            setattr(o, a, not isinstance(o, OutputCorrection))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for q in quants:
+            q.learnable = True
+        with torch.no_grad():
+            base = torch.stack([q.generator(torch.tensor(steps)) for q in quants])  # (Q, S, 2) extents
+        offsets = torch.zeros(len(quants), len(steps), 2)
+        held_before, improved = {}, 0
+        for k, t in enumerate(tqdm(steps, desc="tdq output fit", unit="step", disable=not progress, leave=False)):
+            off = torch.zeros(len(quants), 2, requires_grad=True)
+            for i, q in enumerate(quants):
+                q.range_offset = off[i]
+            held_before[t] = before_t = mean_loss(held[t])
+            opt = torch.optim.Adam([off], lr=lr)
+            with torch.enable_grad():
+                for _ in range(iters):
+                    call = train[t][int(torch.randint(len(train[t]), (1,), generator=rng))]
+                    n = call[3].shape[0]
+                    rows = torch.randperm(n, generator=rng)[:batch] if batch < n else None
+                    loss = loss_of(call, rows)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            if mean_loss(held[t]) < before_t:
+                offsets[:, k] = off.detach()
+                improved += 1
+        for q in quants:
+            q.range_offset = None
+        loss_before = loss_after = sum(held_before.values()) / len(steps)
+        if improved:  # else the range fit stands as it is
+            ts = torch.tensor(steps)
+            targets = list(base * offsets.exp())
+            fit_generators([q.generator for q in quants], [ts] * len(quants), targets, iters=refit_iters, seed=seed)
+            loss_after = sum(mean_loss(held[t]) for t in steps) / len(steps)
+        kept = loss_after < loss_before
+        if not kept:
+            for q, state in zip(quants, start, strict=True):
+                q.generator.load_state_dict(state)
+    finally:
+        for q in quants:
+            q.learnable = False
+            q.range_offset = None
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        for (o, a), b in zip(switches, before, strict=True):
+            setattr(o, a, b)
+    for q in quants:
+        q.write_tdq_table()
+    return {
+        "loss_before": loss_before, "loss_after": loss_after, "kept": kept,
+        "steps_improved": improved, "steps": len(steps),
+    }  # fmt: skip

@@ -75,6 +75,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long))
         self.generator = None
         self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
+        self.range_offset = None  # learnable mode: (2,) log-multipliers of the generator's extents
         if mode == "tdq":
             from diffquant.methods.tdq import TDQGenerator
 
@@ -114,7 +115,10 @@ class ActQuantizer(nn.Module):
         if self.learnable and self.generator is not None:
             t = torch.tensor([self._timestep()], device=x.device)
             lo, hi = self.generator.ranges(t)
-            scale, zp = self._differentiable_scale(lo[0], hi[0])
+            lo, hi = lo[0], hi[0]
+            if self.range_offset is not None:  # log-multipliers of (-lo, hi), trained by the TDQ output fit
+                lo, hi = lo * self.range_offset[0].exp(), hi * self.range_offset[1].exp()
+            scale, zp = self._differentiable_scale(lo, hi)
             return P.fake_quant(x, self.qtype, scale.to(x.dtype), zp.to(x.dtype), self.symmetric)
         if not self._ready:
             raise RuntimeError(f"{self.name}: activation scales are not calibrated; pass calibration to quantize().")
