@@ -17,6 +17,8 @@ Methods:
     bucketed 10 groups of 5 steps, each its own scale (all steps observed, L_2.4 search)
     tdq      Temporal Dynamic Quantization: a per-step scale table from a generator g(t) fitted to
              the per-step optimal ranges (all steps observed, L_2.4 search)
+    per-step one bucket per calibrated step (50): each DDIM-50 step runs at its own optimal range,
+             the best any function of t can do with ranges chosen by each layer's own error (TDQ's fit)
     tdq-out  tdq, then the per-step ranges refitted to the denoiser's output error (``tdq_fit="output"``)
     dynamic  per-token dynamic activation scales (no calibration data)
     dynamic-tensor  per-tensor dynamic activation scales
@@ -82,6 +84,7 @@ METHODS = {
     "ptq4dm": dict(observer="mse", lp_norm=2.4, calibration={"selection": "ndtc"}),
     "bucketed": dict(observer="mse", act_mode="bucketed", buckets=10, calibration={"selection": "all"}),
     "tdq": dict(observer="mse", act_mode="tdq", calibration={"selection": "all"}),
+    "per-step": dict(observer="mse", act_mode="bucketed", buckets=50, calibration={"selection": "all"}),
     "tdq-out": dict(observer="mse", act_mode="tdq", tdq_fit="output", calibration={"selection": "all"}),
     "dynamic": dict(act_mode="dynamic", act_granularity="token"),
     "dynamic-tensor": dict(act_mode="dynamic", act_granularity="tensor"),

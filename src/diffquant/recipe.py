@@ -204,7 +204,7 @@ class Recipe:
     tdq_freqs: int = 8
     tdq_iters: int = 600
     tdq_fit: str = "range"
-    tdq_fit_iters: int = 8
+    tdq_fit_iters: int = 16
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
     quant_level: float | None = None
