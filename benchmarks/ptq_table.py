@@ -30,6 +30,7 @@ Methods:
     percentile  TensorRT's Percentile Quant: per-step amax, mean over the first 100 % of the steps
     seq      default with sequential GPTQ (``gptq-seq``: each layer rounded from its inputs in the
              partly quantized model)
+    gptq     default with GPTQ weights (the FP8 recipes round to nearest otherwise)
     seed-7, seed-99  default calibrated from other seeds (calibration trajectories, GPTQ Hessian rows):
              how much a recipe's FD moves between calibration draws
     no-oc    default without the per-step output correction (the ablation of the recipes that have it)
@@ -98,6 +99,7 @@ METHODS = {
     "mixed-4.5": dict(weight_bits_budget=4.5),
     "no-oc": dict(output_correction=False),
     "seq": dict(weight_method="gptq-seq"),
+    "gptq": dict(weight_method="gptq"),
     "seed-7": dict(calibration={"seed": 7}),
     "seed-99": dict(calibration={"seed": 99}),
 }

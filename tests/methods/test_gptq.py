@@ -205,3 +205,30 @@ def test_sequential_gptq_without_observed_calls_says_what_to_do():
 
     with pytest.raises(ValueError, match="weight_method='gptq'"):
         quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), run, progress=False)
+
+
+def test_gptq_rounds_fp8_weights_onto_the_e4m3_grid_with_less_output_error_than_nearest():
+    fp8 = get_qtype("fp8_e4m3")
+    torch.manual_seed(0)
+    x = correlated_inputs(512, 64, seed=0)
+    w = torch.randn(32, 64)
+    h = x.T @ x / x.shape[0]
+    q, scale = gptq_quantize(w, h, fp8, None)
+    codes = q / scale  # per output channel
+    assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes.float())  # on the E4M3 grid
+    rtn = P.fake_quant_weight(w, fp8, None)
+    err = lambda d: torch.trace(d @ h @ d.T).item()  # noqa: E731
+    assert err(w - q) < 0.7 * err(w - rtn)
+    stored = P.quantize_weight(q, fp8, None, scale=scale)
+    torch.testing.assert_close(stored.dequantize(), q, rtol=0, atol=0)
+
+
+def test_fp8_recipe_with_gptq_weights_saves_and_loads_exactly(tmp_path):
+    recipe = get_recipe("fp8").replace(weight_method="gptq")
+    model = quantize(tiny_model("dit"), recipe, CAL, progress=False)
+    assert model.diffquant_gptq_error_ratios
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([300, 300]), torch.tensor([1, 2])
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", tiny_model("dit"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), model(x, t, y))

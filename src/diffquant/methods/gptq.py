@@ -33,7 +33,8 @@
     (fashion-unet: about 6 minutes on one CPU thread). Measured against ``gptq`` in
     ``docs/quantization.md`` ("Weight rounding"); the named recipes keep ``gptq``.
 
-Only integer weight formats are affected; FP8, ternary and binary keep their own scales.
+Integer and FP8 E4M3 weights are affected (an FP8 column is rounded to the nearest E4M3 value of the
+scaled weight, with absmax scales); ternary and binary weights keep their own rule.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ def gptq_quantize(
                 scale[:, col // g] = s
                 s_col = s.double()
             x = w1[:, i]
-            qx = torch.clamp(torch.round(x / s_col), qtype.qmin, qtype.qmax) * s_col
+            if qtype.kind == "float":  # FP8: the nearest E4M3 value of the scaled weight
+                y = (x / s_col).clamp(-qtype.max_value, qtype.max_value).float()
+                qx = y.to(torch.float8_e4m3fn).double() * s_col
+            else:
+                qx = torch.clamp(torch.round(x / s_col), qtype.qmin, qtype.qmax) * s_col
             q[:, col] = qx
             e = (x - qx) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
@@ -174,7 +179,7 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(m, (QuantLinear, QuantConv2d))
         and not m.frozen
         and m.weight_qtype is not None
-        and m.weight_qtype.kind == "int"
+        and m.weight_qtype.kind in ("int", "float")
         and getattr(m, "groups", 1) == 1
     ]
 
