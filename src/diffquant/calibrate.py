@@ -121,17 +121,14 @@ def clone_tensors(value):
 
 
 class CallRecorder(CallObserver):
-    """Keeps the observed denoiser calls ``(args, kwargs, step)`` for replaying them; with
-    ``keep_output`` also the call's output, as ``(args, kwargs, step, output)``."""
+    """Keeps the observed denoiser calls ``(args, kwargs, step)`` for replaying them."""
 
-    def __init__(self, model: nn.Module, keep_output: bool = False):
+    def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.keep_output = keep_output
         self.calls: list[tuple] = []
 
     def on_call(self, args, kwargs, output, step):
-        call = (clone_tensors(args), clone_tensors(kwargs), step)
-        self.calls.append((*call, clone_tensors(output)) if self.keep_output else call)
+        self.calls.append((clone_tensors(args), clone_tensors(kwargs), step))
 
 
 def _quant_switches(model: nn.Module) -> list[tuple[object, str]]:

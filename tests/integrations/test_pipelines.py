@@ -31,6 +31,8 @@ RECIPES = {
     "w4a8": get_recipe("w4a8"),  # GPTQ: Hessians collected by running the pipeline
     # sequential GPTQ: the pipeline's denoiser calls recorded (keyword inputs, CFG batches) and replayed
     "w4a8-seq": get_recipe("w4a8").replace(name="w4a8-seq", weight_method="gptq-seq"),
+    # TDQ output fit: the pipeline's calls recorded with their (diffusers-object) outputs, then replayed
+    "w8a8-tdq-out": get_recipe("w8a8-tdq").replace(name="w8a8-tdq-out", tdq_iters=150, tdq_fit="output"),
 }
 
 
@@ -65,6 +67,8 @@ def test_quantize_run_save_load_identical_images(kind, recipe, tmp_path):
     assert len(quantized) >= 10 and attention, "the denoiser's Linear/Conv layers and attention are quantized"
     if RECIPES[recipe].weight_method.startswith("gptq"):  # rounded from the pipeline's own calls
         assert len(denoiser(pipe).diffquant_gptq_error_ratios) >= 10
+    if RECIPES[recipe].tdq_fit == "output":
+        assert denoiser(pipe).diffquant_tdq_fit["steps"] == STEPS
     q_images = run(pipe, kind)
     assert not np.array_equal(q_images, fp_images)
     # 8-bit weights and activations on a random tiny model: close to FP, not equal (measured 42-66 dB)

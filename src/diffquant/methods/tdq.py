@@ -183,7 +183,14 @@ def fit_to_output(
 
     from tqdm.auto import tqdm
 
-    from diffquant.calibrate import CallRecorder, _builtin_runner, _make_observe, _quant_switches, full_precision
+    from diffquant.calibrate import (
+        CallRecorder,
+        _builtin_runner,
+        _make_observe,
+        _quant_switches,
+        clone_tensors,
+        full_precision,
+    )  # fmt: skip
     from diffquant.methods.output_correction import OutputCorrection, _input_channels, _input_name, _split_output
     from diffquant.timestep import denoising_step
 
@@ -195,7 +202,13 @@ def fit_to_output(
     rounded = {m: m.weight.detach() for m in fp_weights}
     for m, w in fp_weights.items():
         m.weight.data = w
-    recorder = CallRecorder(model, keep_output=True)
+
+    class OutputRecorder(CallRecorder):  # the noise prediction itself (diffusers outputs are dict-like)
+        def on_call(self, args, kwargs, output, step):
+            eps, _ = _split_output(output)
+            self.calls.append((clone_tensors(args), clone_tensors(kwargs), step, clone_tensors(eps)))
+
+    recorder = OutputRecorder(model)
     try:
         with torch.no_grad(), full_precision(model):
             (runner or _builtin_runner)(model, config, _make_observe(model, [recorder]), progress)
@@ -206,8 +219,7 @@ def fit_to_output(
     name = _input_name(model)
     train: dict[int, list] = {}  # time step -> [(args, kwargs, step, eps, channels)] of training rows
     held: dict[int, list] = {}
-    for args, kwargs, step, output in recorder.calls:
-        eps, _ = _split_output(output)
+    for args, kwargs, step, eps in recorder.calls:
         if eps is None or eps.shape[0] < 2:
             continue
         c = _input_channels(args, kwargs, name)
@@ -221,7 +233,7 @@ def fit_to_output(
             "TDQ output fit: no calibration call returned a tensor noise prediction for two or more rows, so "
             "there is nothing to train and hold out; use tdq_fit='range'"
         )
-    forward = getattr(model.forward, "__wrapped__", model.forward)
+    forward = model.forward  # after the runner: no wrapper; without hooks, the step is set here
 
     def loss_of(call, rows=None) -> torch.Tensor:
         args, kwargs, step, eps, c = call
