@@ -109,15 +109,20 @@ class CallObserver(abc.ABC):
         self.handle.remove()
 
 
-def clone_tensors(value):
-    """Detached copies of the tensors in a call's arguments (tuples, lists and dicts walked)."""
+def map_tensors(fn: Callable, value):
+    """``value`` with ``fn`` applied to every tensor in it (tuples, lists and dicts walked)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(clone_tensors(v) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     if isinstance(value, dict):
-        return {k: clone_tensors(v) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     return value
+
+
+def clone_tensors(value):
+    """Detached copies of the tensors in a call's arguments."""
+    return map_tensors(lambda t: t.detach().clone(), value)
 
 
 class CallRecorder(CallObserver):

@@ -230,6 +230,8 @@ class Recipe:
             raise ValueError("tdq_hidden and tdq_freqs must be >= 1, tdq_iters >= 0")
         if self.tdq_fit not in ("range", "output") or self.tdq_fit_iters < 0:
             raise ValueError(f"tdq_fit must be 'range' or 'output' and tdq_fit_iters >= 0, got {self.tdq_fit!r}")
+        if self.tdq_fit == "output" and self.act_mode != "tdq":
+            raise ValueError(f"tdq_fit='output' refits TDQ ranges: it needs act_mode='tdq', got {self.act_mode!r}")
         if self.act_granularity not in ("tensor", "token"):
             raise ValueError(f"act_granularity must be tensor or token, got {self.act_granularity!r}")
         if self.act_granularity == "token" and self.act_mode != "dynamic":

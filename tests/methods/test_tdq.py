@@ -216,3 +216,5 @@ def test_take_rows_cuts_batch_tensors_only():
 def test_tdq_fit_must_be_range_or_output():
     with pytest.raises(ValueError, match="tdq_fit must be"):
         get_recipe("w8a4-tdq").replace(tdq_fit="loss")
+    with pytest.raises(ValueError, match="needs act_mode='tdq'"):
+        get_recipe("w8a4").replace(tdq_fit="output")

@@ -189,6 +189,18 @@ def float_weights(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
     return {m: m.weight.detach().clone() for _, m in _weight_layers(model)}
 
 
+def weight_swap(fp_weights: dict[nn.Module, torch.Tensor]) -> Callable[[bool], None]:
+    """``swap(to_fp)``: put the float weights of :func:`float_weights` back (``True``) or the model's
+    current, rounded ones (``False``), for comparing the quantized model with the FP one."""
+    rounded = {m: m.weight.detach() for m in fp_weights}
+
+    def swap(to_fp: bool) -> None:
+        for m, w in (fp_weights if to_fp else rounded).items():
+            m.weight.data = w
+
+    return swap
+
+
 @torch.no_grad()
 def round_weights(model: nn.Module, method: str, config=None, runner: Callable | None = None, progress=True) -> dict:
     """Choose the integer weights of a prepared model by ``method`` (``rtn``, ``mse``, ``gptq``, ``gptq-seq``).

@@ -159,18 +159,13 @@ def fit_output_correction(
     Returns ``{timestep: k_t}`` of the observed steps.
     """
     from diffquant.calibrate import _builtin_runner, _make_observe, full_precision
+    from diffquant.methods.gptq import weight_swap
 
     oc = getattr(model, ATTR, None)
     if not isinstance(oc, OutputCorrection):
         raise ValueError("the model has no output correction table; prepare it with output_correction=True")
     config = dataclasses.replace(config, selection="all", n_samples=min(config.n_samples, FIT_MAX_SAMPLES))
-    fp_weights = fp_weights or {}
-    rounded = {m: m.weight.detach() for m in fp_weights}
-
-    def swap(to_fp: bool):
-        for m, w in (fp_weights if to_fp else rounded).items():
-            m.weight.data = w
-
+    swap = weight_swap(fp_weights or {})
     collector = _ErrorCollector(model, swap)
     swap(True)
     try:

@@ -136,13 +136,9 @@ def _generator_quantizers(model: nn.Module) -> list:
 
 def _take_rows(value, rows: torch.Tensor, n: int):
     """``value`` with the tensors whose first dimension is ``n`` (the batch) cut to ``rows``."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() >= 1 and value.shape[0] == n else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take_rows(v, rows, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _take_rows(v, rows, n) for k, v in value.items()}
-    return value
+    from diffquant.calibrate import map_tensors
+
+    return map_tensors(lambda t: t[rows] if t.dim() >= 1 and t.shape[0] == n else t, value)
 
 
 def fit_to_output(
@@ -191,6 +187,7 @@ def fit_to_output(
         clone_tensors,
         full_precision,
     )  # fmt: skip
+    from diffquant.methods.gptq import weight_swap
     from diffquant.methods.output_correction import OutputCorrection, _input_channels, _input_name, _split_output
     from diffquant.timestep import denoising_step
 
@@ -198,10 +195,8 @@ def fit_to_output(
     if not quants:
         return {}
     config = dataclasses.replace(config, selection="all", n_samples=max(2, n_samples))
-    fp_weights = fp_weights or {}
-    rounded = {m: m.weight.detach() for m in fp_weights}
-    for m, w in fp_weights.items():
-        m.weight.data = w
+    swap = weight_swap(fp_weights or {})
+    swap(True)
 
     class OutputRecorder(CallRecorder):  # the noise prediction itself (diffusers outputs are dict-like)
         def on_call(self, args, kwargs, output, step):
@@ -213,8 +208,7 @@ def fit_to_output(
         with torch.no_grad(), full_precision(model):
             (runner or _builtin_runner)(model, config, _make_observe(model, [recorder]), progress)
     finally:
-        for m, w in rounded.items():
-            m.weight.data = w
+        swap(False)
         recorder.remove()
     name = _input_name(model)
     train: dict[int, list] = {}  # time step -> [(args, kwargs, step, eps, channels)] of training rows
