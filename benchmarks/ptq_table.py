@@ -20,6 +20,7 @@ Methods:
     per-step one bucket per calibrated step (50): each DDIM-50 step runs at its own optimal range,
              the best any function of t can do with ranges chosen by each layer's own error (TDQ's fit)
     tdq-out  tdq, then the per-step ranges refitted to the denoiser's output error (``tdq_fit="output"``)
+    bucketed-sq, tdq-sq, tdq-out-sq  the same with SmoothQuant (alpha searched per layer) first
     dynamic  per-token dynamic activation scales (no calibration data)
     dynamic-tensor  per-tensor dynamic activation scales
     default  the named recipe as it ships (uniform steps, L_2.4 search, shortcut split): the
@@ -71,6 +72,9 @@ BITS = {
     "FP8-noattn": "fp8",  # FP8 weights and activations of the Linear/conv layers, attention matmuls float
     "W8A16": "w8a16",  # weight-only references: how much of a row's error the weights alone cause
     "W4A16": "w4a16",
+    # FP8's error split: E4M3 weights alone (float activations), E4M3 activations alone (float weights)
+    "FP8-W": ("fp8-attn", {"activations": "none", "attention": False}),
+    "FP8-A": ("fp8-attn", {"weights": "none"}),
 }
 BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
 METHODS = {
@@ -87,6 +91,13 @@ METHODS = {
     "tdq": dict(observer="mse", act_mode="tdq", calibration={"selection": "all"}),
     "per-step": dict(observer="mse", act_mode="bucketed", buckets=50, calibration={"selection": "all"}),
     "tdq-out": dict(observer="mse", act_mode="tdq", tdq_fit="output", calibration={"selection": "all"}),
+    "bucketed-sq": dict(
+        observer="mse", act_mode="bucketed", buckets=10, smoothquant=True, calibration={"selection": "all"}
+    ),
+    "tdq-sq": dict(observer="mse", act_mode="tdq", smoothquant=True, calibration={"selection": "all"}),
+    "tdq-out-sq": dict(
+        observer="mse", act_mode="tdq", tdq_fit="output", smoothquant=True, calibration={"selection": "all"}
+    ),
     "dynamic": dict(act_mode="dynamic", act_granularity="token"),
     "dynamic-tensor": dict(act_mode="dynamic", act_granularity="tensor"),
     "default": dict(),
@@ -107,10 +118,11 @@ DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 
 
 def recipe_for(bits: str, method: str, n_calib: int):
-    base = get_recipe(BITS[bits])
-    changes = dict(METHODS[method])
+    base, changes = BITS[bits] if isinstance(BITS[bits], tuple) else (BITS[bits], {})
+    label = bits.lower() if changes else base
+    changes = {**changes, **METHODS[method]}
     changes["calibration"] = {**changes.get("calibration", {}), "n_samples": n_calib}
-    return base.replace(name=f"{BITS[bits]}-{method}", **changes)
+    return get_recipe(base).replace(name=f"{label}-{method}", **changes)
 
 
 def main() -> None:
@@ -226,6 +238,8 @@ def weight_method(row: dict) -> str:
     if "recipe" not in row:
         return "-"
     r = row["recipe"]
+    if r.get("weights") == "none":
+        return "float"
     label = r.get("weight_method", "rtn")
     if r.get("weights") == "int4" and r.get("weight_group_size"):
         label += f" g{r['weight_group_size']}"

@@ -172,7 +172,9 @@ def _mixer_runner(model, config, observe, progress=True):
 def test_output_fit_finds_the_range_the_output_needs_where_the_layers_own_range_is_wrong():
     """The per-step range that is best for the layer's input covers the wide channel and rounds the
     important narrow one to zero at int4; the output fit clips the wide channel instead."""
-    recipe = get_recipe("w8a4-tdq").replace(exclude=(), weight_only=(), attention=False, tdq_fit_iters=300)
+    recipe = get_recipe("w8a4-tdq").replace(
+        exclude=(), weight_only=(), attention=False, tdq_fit="range", tdq_fit_iters=300
+    )
     ranged = quantize(_Mixer(), recipe, _mixer_runner, progress=False)
     model = quantize(_Mixer(), recipe.replace(tdq_fit="output"), _mixer_runner, progress=False)
     fit = model.diffquant_tdq_fit
@@ -194,7 +196,7 @@ def test_output_fit_finds_the_range_the_output_needs_where_the_layers_own_range_
 
 def test_output_fit_that_does_not_help_keeps_the_range_fit():
     torch.manual_seed(0)
-    ranged = quantize(tiny_model("unet"), "w8a4-tdq", CAL, progress=False)
+    ranged = quantize(tiny_model("unet"), get_recipe("w8a4-tdq").replace(tdq_fit="range"), CAL, progress=False)
     torch.manual_seed(0)
     recipe = get_recipe("w8a4-tdq").replace(tdq_fit="output", tdq_fit_iters=0)  # no step: no lower error
     model = quantize(tiny_model("unet"), recipe, CAL, progress=False)
