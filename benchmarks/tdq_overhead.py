@@ -8,6 +8,11 @@ lowers both to ``--backend`` and times one denoiser call of each, alternating th
 (so load changes hit both alike), median of ``--rounds``. Eager, and with ``--compile`` also
 ``torch.compile``. The time step changes every round, so a table lookup that recompiled or read a
 tensor per step would show.
+
+``--dynamic`` adds the static recipe with dynamic activation scales, per tensor and per token
+(computed from each tensor at run time), to the same rounds: what the run-time alternatives to a
+table cost on the same backend. The lowering report's count of layers left on the float reference
+path is printed beside each (on ``cpu``, per-token scales have no integer kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffquant import quantize
+from diffquant import get_recipe, quantize
 from diffquant.backends import lower
 from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs, interleaved_ms
 from diffquant.models import load_builtin
@@ -47,14 +52,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dynamic", action="store_true", help="also time per-tensor and per-token dynamic scales")
     ap.add_argument("--out", default=None, help="default benchmarks/results/tdq_overhead_MODEL")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fp = load_builtin(args.model).eval()
-    models = {}
-    for name in (args.static, args.tdq):
-        q = quantize(copy.deepcopy(fp), name, BENCH_CALIBRATION, progress=False).eval()
-        models[name], _ = lower(q, args.backend)
+    recipes = {args.static: get_recipe(args.static), args.tdq: get_recipe(args.tdq)}
+    if args.dynamic:
+        for gran in ("tensor", "token"):
+            name = f"{args.static}-dynamic-{gran}"
+            recipes[name] = recipes[args.static].replace(name=name, act_mode="dynamic", act_granularity=gran)
+    models, on_reference = {}, {}
+    for name, recipe in recipes.items():
+        q = quantize(copy.deepcopy(fp), recipe, BENCH_CALIBRATION, progress=False).eval()
+        models[name], report = lower(q, args.backend)
+        on_reference[name] = len(report.kept)
     inputs = example_inputs(fp, args.batch)
     ms = {"eager_ms": interleaved_ms(timed_calls(models, inputs), args.rounds, warmup=2)}
     if args.compile:
@@ -63,13 +75,17 @@ def main() -> None:
     result = {mode: {k: round(v, 2) for k, v in d.items()} for mode, d in ms.items()}
     for mode, times in list(result.items()):
         result[mode.replace("_ms", "_tdq_over_static")] = round(times[args.tdq] / times[args.static], 4)
+        result[mode.replace("_ms", "_over_static")] = {k: round(v / times[args.static], 4) for k, v in times.items()}
     info = {
         "command": "python " + " ".join(sys.argv), "model": args.model, "backend": args.backend,
         "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
+        "layers_on_reference_path": on_reference,
     }  # fmt: skip
     out = Path(args.out or f"benchmarks/results/tdq_overhead_{args.model}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**info, **result}, indent=2))
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**info, **result}, indent=2))
+    tmp.replace(out.with_suffix(".json"))
     lines = [
         f"# TDQ per-step table vs static scales: {args.model}, backend {args.backend}",
         "",
@@ -83,7 +99,24 @@ def main() -> None:
         if f"{mode}_ms" in result:
             ms = result[f"{mode}_ms"]
             lines.append(f"| {mode} | {ms[args.static]} | {ms[args.tdq]} | {result[f'{mode}_tdq_over_static']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if args.dynamic:
+        modes = [m for m in ("eager", "compiled") if f"{m}_ms" in result]
+        lines += [
+            "",
+            "Run-time alternatives to a table, same rounds (ratio to static scales; layers left on the float",
+            "reference path by the backend's lowering report):",
+            "",
+            "| activation scales | "
+            + " | ".join(f"{m} (ms) | {m} / static" for m in modes)
+            + " | layers on reference |",
+            "|---|" + "---:|---:|" * len(modes) + "---:|",
+        ]
+        for name in recipes:
+            cells = " | ".join(f"{result[f'{m}_ms'][name]} | {result[f'{m}_over_static'][name]}" for m in modes)
+            lines.append(f"| `{name}` | {cells} | {on_reference[name]} |")
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out.with_suffix(".md"))
     print("\n".join(lines))
 
 
