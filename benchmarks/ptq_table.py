@@ -33,7 +33,7 @@ Methods:
              partly quantized model)
     gptq     default with GPTQ weights (the FP8 recipes round to nearest otherwise)
     seed-7, seed-99  default calibrated from other seeds (calibration trajectories, GPTQ Hessian rows):
-             how much a recipe's FD moves between calibration draws
+             how much a recipe's FD moves between calibration draws (smoothquant-seed-7, -99 likewise)
     no-oc    default without the per-step output correction (the ablation of the recipes that have it)
     mixed-4.5   default with mixed-precision weights at an average of 4.5 nominal bits (layers
              move from the row's weight format to int8 by measured sensitivity)
@@ -113,6 +113,8 @@ METHODS = {
     "gptq": dict(weight_method="gptq"),
     "seed-7": dict(calibration={"seed": 7}),
     "seed-99": dict(calibration={"seed": 99}),
+    "smoothquant-seed-7": dict(smoothquant=True, calibration={"seed": 7}),
+    "smoothquant-seed-99": dict(smoothquant=True, calibration={"seed": 99}),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 
