@@ -149,6 +149,11 @@ def test_recipes_lists_named_recipes():
     assert result.exit_code == 0
     for name in ("w8a8", "w8a8-dynamic", "w4a8", "w8a6", "w8a4", "w4a4", "fp8"):
         assert name in result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    # what a recipe does beyond its formats is listed with it
+    assert "TDQ output fit" in lines["w8a4-tdq"] and "TDQ output fit" not in lines["w8a8-tdq"]
+    assert "SmoothQuant searched" in lines["w8a8-smoothquant"] and "SmoothQuant" not in lines["w8a8"]
+    assert "mixed precision, 4.5 bits" in lines["auto"]
 
 
 def test_quantize_then_eval_and_sample_quantized(tmp_path):

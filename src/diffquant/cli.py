@@ -220,7 +220,18 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print the reci
         weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
         weights += "" if r.weight_method == "rtn" else f" {r.weight_method}"
         acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
-        extra = "  + per-step output correction" if r.output_correction else ""
+        extras = [
+            *(
+                ["SmoothQuant " + (f"alpha {r.smoothquant_alpha}" if r.smoothquant_alpha else "searched")]
+                if r.smoothquant
+                else []
+            ),
+            *(["TDQ output fit"] if r.act_mode == "tdq" and r.tdq_fit == "output" else []),
+            *([f"mixed precision, {r.weight_bits_budget} bits"] if r.weight_bits_budget else []),
+            *(["per-step output correction"] if r.output_correction else []),
+            *(["attention matmuls float"] if not r.attention and r.activations != "none" else []),
+        ]
+        extra = "".join(f"  + {e}" for e in extras)
         typer.echo(f"{name:16s} weights {weights:15s} activations {acts:30s} observer {r.observer}{extra}")
 
 
