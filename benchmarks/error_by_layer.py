@@ -27,6 +27,32 @@ RESULTS = Path(__file__).parent / "results"
 STEPS = (46, 49)
 
 
+def trajectory_inputs(fp, n: int, steps, seed: int = 777):
+    """``(labels, {step: (t, x_t, eps)})``: the FP model's own DDIM-50 inputs and outputs at ``steps``
+    for ``n`` balanced-class trajectories (seed 777 by default, not the calibration seed)."""
+    labels = balanced_labels(n, fp.num_classes)
+    inputs = {}
+
+    def on_step(k, t, x, eps):
+        if k in steps:
+            inputs[k] = (t, x.clone(), eps.clone())
+
+    with torch.no_grad():
+        cfg = SamplerConfig(seed=seed)
+        sample_batch(fp, range(n), labels, cfg, fp.config["scheduler"], fp.sample_shape, n, on_step=on_step)
+    return labels, inputs
+
+
+@torch.no_grad()
+def relative_errors(model, labels, inputs) -> dict[int, float]:
+    """``||model(x_t, t) - eps||^2 / ||eps||^2`` at each recorded step."""
+    out = {}
+    for k, (t, x, eps) in inputs.items():
+        d = (model(x, torch.full((x.shape[0],), t), labels) - eps).double()
+        out[k] = float(d.pow(2).sum() / eps.double().pow(2).sum())
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,22 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     q = quantize(load_builtin("fashion-unet"), "w4a16", progress=False)
     fp = load_builtin("fashion-unet").eval()
-    labels = balanced_labels(args.n, fp.num_classes)
-    inputs = {}
-
-    def on_step(k, t, x, eps):
-        if k in STEPS:
-            inputs[k] = (t, x.clone(), eps.clone())
-
-    cfg = SamplerConfig(seed=777)
-    sample_batch(fp, range(args.n), labels, cfg, fp.config["scheduler"], fp.sample_shape, args.n, on_step=on_step)
+    labels, inputs = trajectory_inputs(fp, args.n, STEPS)
 
     def errors(model) -> dict[int, float]:
-        out = {}
-        for k, (t, x, eps) in inputs.items():
-            d = (model(x, torch.full((args.n,), t), labels) - eps).double()
-            out[k] = float(d.pow(2).sum() / eps.double().pow(2).sum())
-        return out
+        return relative_errors(model, labels, inputs)
 
     float_modules = dict(fp.named_modules())
     rows = []

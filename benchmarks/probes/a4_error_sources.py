@@ -23,47 +23,34 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
-
 sys.path.insert(0, "benchmarks")
+from error_by_layer import relative_errors, trajectory_inputs
 from ptq_table import recipe_for
 
 from diffquant import quantize
 from diffquant.models import load_builtin
 from diffquant.nn.quantizer import ActQuantizer
-from diffquant.sampling import SamplerConfig, balanced_labels, sample_batch
 
 STEPS = (0, 10, 25, 40, 49)
 N = 32
 
 name, bits, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
-fp = load_builtin(name).eval()
-labels = balanced_labels(N, fp.num_classes)
-inputs = {}
+labels, inputs = trajectory_inputs(load_builtin(name).eval(), N, STEPS)
 
 
-def on_step(k, t, x, eps):
-    if k in STEPS:
-        inputs[k] = (t, x.clone(), eps.clone())
-
-
-with torch.no_grad():
-    sample_batch(
-        fp, range(N), labels, SamplerConfig(seed=777), fp.config["scheduler"], fp.sample_shape, N, on_step=on_step
-    )
-
-
-@torch.no_grad()
 def errors(model) -> dict[int, float]:
-    out = {}
-    for k, (t, x, eps) in inputs.items():
-        d = (model(x, torch.full((N,), t), labels) - eps).double()
-        out[k] = round(float(d.pow(2).sum() / eps.double().pow(2).sum()), 6)
-    return out
+    return {k: round(v, 6) for k, v in relative_errors(model, labels, inputs).items()}
 
 
-def group_of(qname: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", qname)
+def with_enabled(model, quantizers, on) -> dict[int, float]:
+    """The errors with only the quantizers in ``on`` enabled; afterwards all are enabled again."""
+    for m in quantizers:
+        m.enabled = m in on
+    try:
+        return errors(model)
+    finally:
+        for m in quantizers:
+            m.enabled = True
 
 
 for method in methods:
@@ -72,35 +59,10 @@ for method in methods:
     quantizers = {n: m for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
     groups = defaultdict(list)
     for n, m in quantizers.items():
-        groups[group_of(n)].append(m)
-    base = errors(q)
-    print(
-        json.dumps(
-            {
-                "model": name,
-                "bits": bits,
-                "method": method,
-                "group": "all",
-                "err": base,
-                "calib_s": round(time.perf_counter() - t0, 1),
-            }
-        ),
-        flush=True,
-    )
+        groups[re.sub(r"\.\d+\.", ".*.", n)].append(m)  # the same role in every block
+    row = {"model": name, "bits": bits, "method": method}
+    print(json.dumps({**row, "group": "all", "err": errors(q), "calib_s": round(time.perf_counter() - t0, 1)}))
     for g, ms in sorted(groups.items()):
-        for m in quantizers.values():
-            m.enabled = False
-        for m in ms:
-            m.enabled = True
-        alone = errors(q)
-        for m in quantizers.values():
-            m.enabled = True
-        for m in ms:
-            m.enabled = False
-        without = errors(q)
-        for m in ms:
-            m.enabled = True
-        print(
-            json.dumps({"model": name, "bits": bits, "method": method, "group": g, "alone": alone, "without": without}),
-            flush=True,
-        )
+        alone = with_enabled(q, quantizers.values(), set(ms))
+        without = with_enabled(q, quantizers.values(), set(quantizers.values()) - set(ms))
+        print(json.dumps({**row, "group": g, "alone": alone, "without": without}), flush=True)
