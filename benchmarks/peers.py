@@ -646,15 +646,17 @@ def main(argv=None) -> None:
         record["fd_floor"] = None
     start = time.perf_counter()
     evaluator = Evaluator()
-    with torch.no_grad():
-        for name in args.model:
-            record["rows"] += run_model(name, args, evaluator)
-    record["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(record))
-    print(f"wrote {out.with_suffix('.md')} and .json in {record['seconds']} s")
+    with torch.no_grad():
+        for name in args.model:  # written after every model: a long run stopped midway keeps what it measured
+            record["rows"] += run_model(name, args, evaluator)
+            record["seconds"] = round(time.perf_counter() - start, 1)
+            for suffix, text in ((".json", json.dumps(record, indent=2) + "\n"), (".md", markdown(record))):
+                tmp = out.with_suffix(suffix + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(out.with_suffix(suffix))
+            print(f"wrote {out.with_suffix('.md')} and .json ({name} done) at {record['seconds']} s")
 
 
 if __name__ == "__main__":

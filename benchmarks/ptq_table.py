@@ -32,6 +32,7 @@ Methods:
     seq      default with sequential GPTQ (``gptq-seq``: each layer rounded from its inputs in the
              partly quantized model)
     gptq     default with GPTQ weights (the FP8 recipes round to nearest otherwise)
+    gptq-oc  gptq with the per-step output correction (what rescues the W4A8 rows, tried on FP8)
     seed-7, seed-99  default calibrated from other seeds (calibration trajectories, GPTQ Hessian rows):
              how much a recipe's FD moves between calibration draws (smoothquant-seed-7, -99 likewise)
     no-oc    default without the per-step output correction (the ablation of the recipes that have it)
@@ -111,6 +112,7 @@ METHODS = {
     "no-oc": dict(output_correction=False),
     "seq": dict(weight_method="gptq-seq"),
     "gptq": dict(weight_method="gptq"),
+    "gptq-oc": dict(weight_method="gptq", output_correction=True),
     "seed-7": dict(calibration={"seed": 7}),
     "seed-99": dict(calibration={"seed": 99}),
     "smoothquant-seed-7": dict(smoothquant=True, calibration={"seed": 7}),
