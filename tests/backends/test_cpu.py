@@ -60,8 +60,7 @@ def test_step_k_uses_table_entry_k():
     iq = ref_layer.input_quantizer
     iq.scale.copy_(torch.tensor([0.5, 0.05, 0.005]))
     iq.zero_point.fill_(32)
-    low_layer.kernel.parts[0][0].scales[:] = [0.5, 0.05, 0.005]
-    low_layer.kernel.parts[0][0].zero_points[:] = [32, 32, 32]
+    low_layer.inputs[0].lookup.param_list[:] = [[0.5, 32.0], [0.05, 32.0], [0.005, 32.0]]
     x = torch.randn(4, ref_layer.in_features)
     outs = {}
     for t in range(0, 1000, 97):
@@ -78,7 +77,7 @@ def test_no_step_is_a_clear_error():
     lowered, _ = lower(copy.deepcopy(q), "cpu")
     layer = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
     with pytest.raises(RuntimeError, match="no current time step"):
-        layer(torch.randn(2, layer.kernel.parts[0][2].stop))
+        layer(torch.randn(2, layer.kernel.parts[0][1].stop))
 
 
 @pytest.mark.parametrize("name", ["fashion-unet", "fashion-dit"])
@@ -133,14 +132,17 @@ def test_custom_op_passes_opcheck():
     lowered, _ = lower(copy.deepcopy(q), "cpu")
     split = next(m for m in lowered.modules() if isinstance(m, B.Int8Conv2d) and len(m.kernel.parts) == 2)
     lin = next(m for m in lowered.modules() if isinstance(m, B.Int8Linear))
-    c_in = split.kernel.parts[1][2].stop
-    torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, c_in, 7, 7), split.handle))
-    k = lin.kernel.parts[0][2].stop
-    torch.library.opcheck(torch.ops.diffquant.int8_layer.default, (torch.randn(2, 5, k), lin.handle))
+    qparams = torch.tensor([0.05, 64.0])
+    second = split.kernel.parts[1][1]  # the second part of a shortcut split: its own channels, no bias
+    codes = torch.randint(0, 128, (2, second.stop - second.start, 7, 7), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.diffquant.int8_gemm.default, (codes, qparams, split.handle, 1))
+    codes = torch.randint(0, 128, (10, lin.kernel.parts[0][1].stop), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.diffquant.int8_gemm.default, (codes, qparams, lin.handle, 0))
 
 
-def test_compiled_lowered_model_is_one_graph_for_every_step():
-    q = quantized("dit", RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
+@pytest.mark.parametrize("kind", ["dit", "unet"])  # Linear layers; convolutions with shortcut splits
+def test_compiled_lowered_model_is_one_graph_for_every_step(kind):
+    q = quantized(kind, RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
     lowered, report = lower(copy.deepcopy(q), "cpu")
     assert report.step_quantizers  # the attention operands: float, their lookup behind an opaque op
     for name in report.step_quantizers:  # make step 10's entries far from the others: a folded lookup shows
@@ -155,4 +157,9 @@ def test_compiled_lowered_model_is_one_graph_for_every_step():
             with denoising_step(i, t, 3), torch._dynamo.config.patch(error_on_recompile=i > 0):
                 out = compiled(x, tt, y)
                 eager = lowered(x, tt, y)
-            assert sqnr(eager, out) > 60, t  # the compiled graph used step t's scales
+            # the compiled graph used step t's scales. On the DiT the two agree to float rounding; on the
+            # UNet Inductor's fused GroupNorm/SiLU round a few floats differently, which flips a code at a
+            # rounding tie and propagates through the random tiny model (measured 36 dB, the eager path vs
+            # the reference 33-36 dB for the same reason; layer by layer on equal inputs both are > 125 dB);
+            # a zero point one code off in the compiled path alone: 19.5 dB (UNet), 39.6 dB (DiT)
+            assert sqnr(eager, out) > (60 if kind == "dit" else 30), t

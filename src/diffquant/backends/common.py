@@ -105,6 +105,37 @@ class StepQuantizer(nn.Module):
         return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
 
 
+class ActParams(nn.Module):
+    """The ``(scale, zero point)`` of one lowered input as graph tensors, for the quantize step.
+
+    Static scales are float32 buffers (as the reference quantizer holds them, so ``x * (1 / s)``
+    rounds identically); per-step ones (bucketed, TDQ table) come from the opaque lookup of a
+    :class:`StepQuantizer`; dynamic ones are computed from the input. None of them reads the step in
+    traced code, so a compiled graph serves every step, and the quantize step that uses them stays in
+    the graph, where Inductor fuses it into the op that produces the activation.
+    """
+
+    def __init__(self, q: ActQuantizer):
+        super().__init__()
+        self.name = q.name
+        self.mode, self.granularity = q.mode, q.granularity
+        self.qtype, self.symmetric = q.qtype, q.symmetric
+        self.lookup = StepQuantizer(q) if q.mode != "dynamic" and q.scale.numel() > 1 else None
+        static = q.mode != "dynamic" and self.lookup is None
+        self.register_buffer("static_scale", q.scale.reshape(-1)[0].float().clone() if static else None)
+        self.register_buffer("static_zp", q.zero_point.reshape(-1)[0].float().clone() if static else None)
+
+    def params(self, x: torch.Tensor):
+        """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or ``(M, 1)`` for per-token dynamic scales."""
+        if self.mode == "dynamic":
+            lo, hi = P.dynamic_range(x, self.granularity, -1)
+            return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
+        if self.lookup is not None:
+            p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)
+            return p[0], p[1]
+        return self.static_scale, self.static_zp
+
+
 @dataclass
 class LoweringReport:
     """What :func:`lower` did: layers on integer kernels, and the others with the reason."""

@@ -11,11 +11,16 @@ that integer kernels can run exactly for an :class:`Int8Conv2d` / :class:`Int8Li
   ``uint8``; grids narrower than ``[0, 255]`` (fewer bits, symmetric) are clamped to their own range
   first, so the integers are exactly the fake-quant reference's integers.
 
-Each layer runs as one opaque operator, ``diffquant::int8_layer``, that quantizes its input with the
-scale of the current step (a Python list lookup: no tensor read, no recompilation per step) and
-calls ``onednn::qconv2d_pointwise`` / ``onednn::qlinear_pointwise``, whose output is float32 with
-the bias added. Under ``torch.compile`` the operator stays one graph node for every step, so
-Inductor fuses the float ops around it (normalisations, activations, residual adds) once.
+Each layer quantizes its input to uint8 codes with the ``[scale, zero point]`` of
+:class:`~diffquant.backends.common.ActParams` (a buffer, the opaque per-step lookup
+``diffquant::step_qparams``, or the input's own range) and runs ``onednn::qconv2d_pointwise`` /
+``onednn::qlinear_pointwise`` (float32 output, bias added) once per input part. Compiled, the quantize
+step is plain element-wise ops (``round(x / s) + z``, clamped, as uint8) and each GEMM one opaque
+operator, ``diffquant::int8_gemm``: one graph serves every step, and Inductor fuses the quantize step
+into the op that produces the activation (a LayerNorm, an activation function, a residual add),
+which then writes uint8 codes instead of float, so the quantize step costs no pass of its own
+(``benchmarks/results/fused_quantize_*.md``). Eager, one ``quantize_per_tensor`` call quantizes and
+the kernel is called directly.
 
 Layers the kernels cannot run exactly keep their float reference path and are listed, with the
 reason, in the :class:`LoweringReport`: per-group weights, FP8, per-token dynamic activations,
@@ -35,15 +40,21 @@ import torch
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import HANDLES, LoweringError, LoweringReport, StepQuantizer, integer_obstacle
+from diffquant.backends.common import (
+    HANDLES,
+    ActParams,
+    LoweringError,
+    LoweringReport,
+    StepQuantizer,
+    integer_obstacle,
+)
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
-from diffquant.timestep import require_step
 
 __all__ = ["Int8Conv2d", "Int8Linear", "LoweringError", "LoweringReport", "StepQuantizer", "lower"]
 
-# torch.quantize_per_tensor is the fast vectorised quantizer (20x the decomposed op); it warns that
-# quantized dtypes are deprecated: we only use it to compute uint8 codes, read out with int_repr.
+# torch.quantize_per_tensor (the eager quantize step) warns that quantized dtypes are deprecated: it
+# only computes uint8 codes here, read out with int_repr
 warnings.filterwarnings("ignore", message=r"torch.quantize_per_tensor.*deprecated", category=UserWarning)
 
 _LAYERS: weakref.WeakValueDictionary[int, _Kernel] = weakref.WeakValueDictionary()
@@ -54,126 +65,121 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
-class _ActCodes:
-    """Per-tensor uint8 activation parameters of one input, looked up by time step.
-
-    Holds Python floats and ints only, so the lookup costs nothing on the hot path.
-    """
+class _Input(ActParams):
+    """One input part of a lowered layer: its quantizer's parameters and the uint8 grid of its codes."""
 
     def __init__(self, q: ActQuantizer):
-        self.name = q.name
-        self.dynamic = q.mode == "dynamic"
-        self.qtype, self.symmetric = q.qtype, q.symmetric
+        super().__init__(q)
         qmin, qmax = P.int_range(q.qtype, q.symmetric)
         # a signed grid [-(2^(b-1) - 1), 2^(b-1) - 1] is held in uint8 as q + 2^(b-1): codes in [1, 2^b - 1]
         self.shift = 2 ** (q.qtype.bits - 1) if q.symmetric else 0
         self.grid = (qmin + self.shift, qmax + self.shift)
-        self.full_range = self.grid == (0, 255)
-        if self.dynamic:
-            return
-        self.scales = [float(s) for s in q.scale.tolist()]
-        self.zero_points = [round(z) + self.shift for z in q.zero_point.tolist()]
-        self.bucket_of_t = q.bucket_of_t.tolist() if len(self.scales) > 1 else None
 
-    def params(self, x: torch.Tensor) -> tuple[float, int]:
-        """``(scale, zero point)`` of ``x`` at the current step (computed from ``x`` when dynamic)."""
-        if self.dynamic:
-            lo, hi = torch.aminmax(x.detach())
-            scale, zp = P.scale_from_range(lo, hi, self.qtype, self.symmetric)
-            return float(scale), int(zp) + self.shift
-        if self.bucket_of_t is None:
-            return self.scales[0], self.zero_points[0]
-        b = self.bucket_of_t[require_step(self.name).timestep]
-        return self.scales[b], self.zero_points[b]
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compiled: uint8 codes of ``x`` (the reference's integers, shifted onto ``[0, 255]``), scale, zero point.
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """uint8 codes of ``x`` with their scale and zero point."""
+        Plain element-wise ops with the reference's own rounding, which Inductor fuses into the op
+        producing ``x``, so the activation is written once, as uint8.
+        """
         scale, zp = self.params(x)
-        if not self.full_range:  # clamp to the format's own grid inside [0, 255]
-            x = x.clamp((self.grid[0] - zp) * scale, (self.grid[1] - zp) * scale)
-        # int_repr copies the codes out as plain uint8 (a view of the quint8 tensor misleads oneDNN)
-        q = torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
-        return q, scale, zp
+        zp = zp + self.shift
+        return P.quantize_int(x, scale, zp, *self.grid).to(torch.uint8), scale, zp
+
+    def quantize_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """Eager: the same codes from one vectorised ``quantize_per_tensor`` (the element-wise chain of
+        :meth:`quantize` made an eager fashion-dit forward 16 % slower); it may round an exact tie the
+        other way than the reference."""
+        scale, zp = self.params(x)
+        s, z = float(scale), round(float(zp)) + self.shift
+        if self.grid != (0, 255):  # clamp to the format's own grid inside [0, 255]
+            x = x.clamp((self.grid[0] - z) * s, (self.grid[1] - z) * s)
+        return torch.quantize_per_tensor(x, s, z, torch.quint8).int_repr(), s, z
 
 
 @dataclass
 class _Kernel:
-    """One lowered layer: prepacked int8 weights per input part, their activation codes, the op."""
+    """One lowered layer's oneDNN side: prepacked int8 weights per input part and the op's arguments."""
 
     kind: str  # "conv" or "linear"
-    parts: list[tuple[_ActCodes, torch.Tensor, slice]]  # (codes, packed weight, input channels)
+    parts: list[tuple[torch.Tensor, slice]]  # (packed weight, input channels)
     weight_scale: torch.Tensor
     weight_zp: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
-    smooth: torch.Tensor | None = None
     conv: dict = field(default_factory=dict)  # stride, padding, dilation, groups
 
-    def out_shape(self, x: torch.Tensor) -> list[int]:
+    def out_shape(self, codes: torch.Tensor) -> list[int]:
         if self.kind == "linear":
-            return [*x.shape[:-1], self.out_features]
-        n, _, h, w = x.shape
+            return [codes.shape[0], self.out_features]
+        n, _, h, w = codes.shape
         c = self.conv
         oh = (h + 2 * c["padding"][0] - c["dilation"][0] * (c["kernel_size"][0] - 1) - 1) // c["stride"][0] + 1
         ow = (w + 2 * c["padding"][1] - c["dilation"][1] * (c["kernel_size"][1] - 1) - 1) // c["stride"][1] + 1
         return [n, self.out_features, oh, ow]
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        dim = 1 if self.kind == "conv" else -1
-        if self.smooth is not None:
-            x = x / (self.smooth.view(-1, 1, 1) if self.kind == "conv" else self.smooth)
-        y = None
-        for i, (codes, packed, channels) in enumerate(self.parts):
-            part = x if len(self.parts) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
-            bias = self.bias if i == 0 else None
-            out = self._one(part, codes, packed, bias)
-            y = out if y is None else y + out
-        if self.kind == "conv":  # oneDNN writes NHWC; say so always (the compiled graph's contract)
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
-
-    def _one(self, x, codes: _ActCodes, packed, bias):
-        if self.kind == "conv":
-            qx, scale, zp = codes.quantize(x)
-            c = self.conv
-            return torch.ops.onednn.qconv2d_pointwise(
-                qx, scale, zp, packed, self.weight_scale, self.weight_zp, bias, c["stride"], c["padding"],
-                c["dilation"], c["groups"], 1.0, 0, torch.float32, "none", [], "",
+    def gemm(self, codes: torch.Tensor, scale: float, zp: int, part: int) -> torch.Tensor:
+        """Part ``part``'s codes through oneDNN: float32, the bias added with part 0 (NHWC for convolutions)."""
+        packed = self.parts[part][0]
+        bias = self.bias if part == 0 else None
+        if self.kind == "linear":
+            return torch.ops.onednn.qlinear_pointwise(
+                codes, scale, zp, packed, self.weight_scale, self.weight_zp, bias, 1.0, 0, torch.float32,
+                "none", [], "",
             )  # fmt: skip
-        lead = x.shape[:-1]
-        qx, scale, zp = codes.quantize(x.reshape(-1, x.shape[-1]))
-        y = torch.ops.onednn.qlinear_pointwise(
-            qx, scale, zp, packed, self.weight_scale, self.weight_zp, bias, 1.0, 0, torch.float32, "none", [], ""
-        )
-        return y.reshape(*lead, self.out_features)
+        c = self.conv
+        y = torch.ops.onednn.qconv2d_pointwise(
+            codes, scale, zp, packed, self.weight_scale, self.weight_zp, bias, c["stride"], c["padding"],
+            c["dilation"], c["groups"], 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return y.contiguous(memory_format=torch.channels_last)  # oneDNN writes NHWC: say so always
 
 
-@torch.library.custom_op("diffquant::int8_layer", mutates_args=())
-def int8_layer(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """Run lowered layer ``handle`` on ``x`` (one opaque node under ``torch.compile``)."""
-    return _LAYERS[handle].run(x)
+@torch.library.custom_op("diffquant::int8_gemm", mutates_args=())
+def int8_gemm(codes: torch.Tensor, qparams: torch.Tensor, handle: int, part: int) -> torch.Tensor:
+    """uint8 ``codes`` with ``qparams = [scale, zero point]`` through lowered layer ``handle``'s oneDNN kernel."""
+    scale, zp = qparams.tolist()
+    return _LAYERS[handle].gemm(codes, scale, round(zp), part)
 
 
-@int8_layer.register_fake
-def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+@int8_gemm.register_fake
+def _(codes: torch.Tensor, qparams: torch.Tensor, handle: int, part: int) -> torch.Tensor:
     kernel = _LAYERS[handle]
-    if kernel.kind == "conv":
-        return x.new_empty(kernel.out_shape(x)).contiguous(memory_format=torch.channels_last)
-    return x.new_empty(kernel.out_shape(x))
+    out = codes.new_empty(kernel.out_shape(codes), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last) if kernel.kind == "conv" else out
 
 
 class _Int8Layer(nn.Module):
-    """Base of the lowered layers: holds its kernel and calls ``diffquant::int8_layer``."""
+    """Base of the lowered layers: the quantize step in the graph, the integer GEMM one opaque op per part."""
 
-    def __init__(self, kernel: _Kernel, source: str):
+    def __init__(self, kernel: _Kernel, inputs: list[_Input], smooth: torch.Tensor | None, source: str):
         super().__init__()
         self.kernel = kernel
+        self.inputs = nn.ModuleList(inputs)
+        self.register_buffer("smooth", smooth)
         self.handle = next(HANDLES)
         _LAYERS[self.handle] = kernel
         self.source = source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.diffquant.int8_layer(x, self.handle)
+        conv = self.kernel.kind == "conv"
+        x = x.float()
+        if self.smooth is not None:
+            x = x / (self.smooth.view(-1, 1, 1) if conv else self.smooth)
+        lead = x.shape[:-1]
+        if not conv:
+            x = x.reshape(-1, x.shape[-1])
+        dim = 1 if conv else -1
+        y = None
+        for i, (inp, (_, channels)) in enumerate(zip(self.inputs, self.kernel.parts, strict=True)):
+            part = x if len(self.inputs) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
+            if torch.compiler.is_compiling():  # one opaque node per GEMM, the quantize step in the graph
+                codes, scale, zp = inp.quantize(part)
+                qparams = torch.stack([scale, zp]).float()
+                out = torch.ops.diffquant.int8_gemm(codes, qparams, self.handle, i)
+            else:
+                out = self.kernel.gemm(*inp.quantize_eager(part), i)
+            y = out if y is None else y + out
+        return y if conv else y.reshape(*lead, self.kernel.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.source}, handle={self.handle}"
@@ -226,7 +232,7 @@ def _weight_qmax(m: QuantModule) -> int:
     return 1 if m.weight_qtype.kind in ("ternary", "binary") else m.weight_qtype.qmax
 
 
-def _kernel(m: QuantModule) -> _Kernel:
+def _layer(m: QuantModule) -> _Int8Layer:
     w = m.integer_weight()
     w_scale = m.weight_scale.reshape(-1).float().contiguous()
     w_zp = torch.zeros(w.shape[0], dtype=torch.long)
@@ -234,27 +240,31 @@ def _kernel(m: QuantModule) -> _Kernel:
     quantizers = [m.input_quantizer] + ([m.input_quantizer_2] if m.input_split else [])
     cin = w.shape[1]
     bounds = [0, m.input_split, cin] if m.input_split else [0, cin]
-    parts = []
+    parts, inputs = [], []
     for q, lo, hi in zip(quantizers, bounds[:-1], bounds[1:], strict=True):
-        codes = _ActCodes(q)
+        inputs.append(_Input(q))
         wp = w[:, lo:hi].contiguous()
-        x_scale = codes.scales[0] if not codes.dynamic else 1.0
-        x_zp = codes.zero_points[0] if not codes.dynamic else 0
+        # the activation scale given here only seeds the prepacking; every call passes its own
+        static = q.mode != "dynamic"
+        x_scale = float(q.scale.reshape(-1)[0]) if static else 1.0
+        x_zp = round(float(q.zero_point.reshape(-1)[0])) + inputs[-1].shift if static else 0
         if isinstance(m, QuantConv2d):
             packed = torch.ops.onednn.qconv_prepack(
                 wp, w_scale, x_scale, x_zp, list(m.stride), list(m.padding), list(m.dilation), m.groups, None
             )
         else:
             packed = torch.ops.onednn.qlinear_prepack(wp, None)
-        parts.append((codes, packed, slice(lo, hi)))
+        parts.append((packed, slice(lo, hi)))
     smooth = None if m.smooth is None else m.smooth.detach().float().clone()
     if isinstance(m, QuantConv2d):
         conv = dict(
             stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups,
             kernel_size=list(m.kernel_size),
         )  # fmt: skip
-        return _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, smooth, conv)
-    return _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features, smooth)
+        kernel = _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, conv)
+        return Int8Conv2d(kernel, inputs, smooth, m.extra_repr())
+    kernel = _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features)
+    return Int8Linear(kernel, inputs, smooth, m.extra_repr())
 
 
 @torch.no_grad()
@@ -285,9 +295,8 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
             m.quantized_weight()  # dequantize once now, so a compiled graph finds the cached weight
             report.kept[name] = why
             continue
-        cls = Int8Conv2d if isinstance(m, QuantConv2d) else Int8Linear
         assert isinstance(m, (QuantConv2d, QuantLinear))
-        model.set_submodule(name, cls(_kernel(m), m.extra_repr()))
+        model.set_submodule(name, _layer(m))
         report.lowered.append(name)
     for name, q in [(n, q) for n, q in model.named_modules() if isinstance(q, ActQuantizer)]:
         if q.scale.numel() > 1 and q.mode != "dynamic":  # attention operands, inputs of kept layers

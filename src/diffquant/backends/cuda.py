@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import LoweringError, LoweringReport, StepQuantizer, integer_obstacle
+from diffquant.backends.common import ActParams, LoweringError, LoweringReport, StepQuantizer, integer_obstacle
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 
@@ -53,36 +53,18 @@ def why_not(m: QuantModule) -> str | None:
     return integer_obstacle(m, "the CUDA GEMMs", per_token=isinstance(m, QuantLinear), fp8=True)
 
 
-class _Input(nn.Module):
+class _Input(ActParams):
     """One input part of a lowered layer: its activation quantizer's parameters and its weight columns."""
 
     def __init__(self, q: ActQuantizer, w: torch.Tensor, colsum: torch.Tensor | None):
-        super().__init__()
-        self.name = q.name
+        super().__init__(q)
         self.fp8 = q.qtype.kind == "float"
-        self.mode, self.granularity = q.mode, q.granularity
-        self.qtype, self.symmetric = q.qtype, q.symmetric
         if not self.fp8:
             self.qmin, self.qmax = P.int_range(q.qtype, q.symmetric)
             self.shift = 128 if self.qmax > 127 else 0  # unsigned 8-bit codes enter the GEMM as q - 128
-        self.lookup = StepQuantizer(q) if q.mode != "dynamic" and q.scale.numel() > 1 else None
-        static = q.mode != "dynamic" and self.lookup is None
-        # float32 tensors, as the reference quantizer holds them (so x * (1 / s) rounds identically)
-        self.register_buffer("static_scale", q.scale.reshape(-1)[0].float().clone() if static else None)
-        self.register_buffer("static_zp", q.zero_point.reshape(-1)[0].float().clone() if static else None)
         self.register_buffer("weight", w)  # (N_padded, K_padded): int8 codes or float8_e4m3fn
         self.register_buffer("colsum", colsum)  # (N_padded,) float32 column sums of the int8 codes
         self.register_buffer("one", torch.ones(()) if self.fp8 else None)  # _scaled_mm's weight scale
-
-    def params(self, x: torch.Tensor):
-        """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or ``(M, 1)`` for per-token dynamic scales."""
-        if self.mode == "dynamic":
-            lo, hi = P.dynamic_range(x, self.granularity, -1)
-            return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
-        if self.lookup is not None:
-            p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)
-            return p[0], p[1]
-        return self.static_scale, self.static_zp
 
 
 def _pad(t: torch.Tensor, dim: int, multiple: int, minimum: int = 0) -> torch.Tensor:
