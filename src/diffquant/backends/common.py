@@ -67,9 +67,7 @@ _QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValue
 @torch.library.custom_op("diffquant::step_qparams", mutates_args=())
 def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
     """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
-    q = _QUANTIZERS[handle]
-    b = q.bucket_list[require_step(q.name).timestep]
-    return torch.tensor(q.param_list[b], dtype=torch.float32, device=device_ref.device)
+    return torch.tensor(_QUANTIZERS[handle].current(), dtype=torch.float32, device=device_ref.device)
 
 
 @step_qparams.register_fake
@@ -99,6 +97,10 @@ class StepQuantizer(nn.Module):
         # the lookup's only tensor argument, for the device: not the activation, so that Inductor
         # can still fuse the fake quant into the op producing it
         self.register_buffer("device_ref", torch.zeros(0, device=quantizer.scale.device), persistent=False)
+
+    def current(self) -> list[float]:
+        """``[scale, zero_point]`` at the current step, as Python numbers (no tensor, no op)."""
+        return self.param_list[self.bucket_list[require_step(self.name).timestep]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
@@ -134,6 +136,15 @@ class ActParams(nn.Module):
             p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)
             return p[0], p[1]
         return self.static_scale, self.static_zp
+
+    def params_eager(self, x: torch.Tensor) -> tuple[float, float]:
+        """The same ``(scale, zero point)`` as Python numbers, for eager hot paths: a per-step lookup
+        is a list index here, not a call of the opaque operator (which costs ~0.3 ms per eager call)."""
+        if self.lookup is not None:
+            s, z = self.lookup.current()
+            return s, z
+        scale, zp = self.params(x)
+        return float(scale), float(zp)
 
 
 @dataclass
