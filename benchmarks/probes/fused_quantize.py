@@ -64,15 +64,15 @@ def main() -> None:
     old = old_backend(args.rev)
 
     def lowered(which: str):  # a lowered model holds opaque prepacked weights: lower a fresh copy, no deepcopy
-        return old.lower(copy.deepcopy(q))[0] if which == "before" else lower(copy.deepcopy(q), "cpu")[0]
+        return old.lower(copy.deepcopy(q)) if which == "before" else lower(copy.deepcopy(q), "cpu")
 
-    models = {"fp32": fp, "before": lowered("before"), "after": lowered("after")}
+    after, report = lowered("after")
+    models = {"fp32": fp, "before": lowered("before")[0], "after": after}
     sqnr = {name: round(sqnr_db(reference, models[name](x, t, y)), 2) for name in ("before", "after")}
-    report = lower(copy.deepcopy(q), "cpu")[1]
     compiled = {
         "fp32 compiled": compile_forward(copy.deepcopy(fp)),
-        "before compiled": compile_forward(lowered("before")),
-        "after compiled": compile_forward(lowered("after")),
+        "before compiled": compile_forward(lowered("before")[0]),
+        "after compiled": compile_forward(lowered("after")[0]),
     }
     calls = {**{f"{n} eager": m for n, m in models.items()}, **compiled}
     ms = interleaved_ms({n: (lambda r, m=m: m(x, t, y)) for n, m in calls.items()}, args.rounds)

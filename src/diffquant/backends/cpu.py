@@ -86,9 +86,9 @@ class _Input(ActParams):
         return P.quantize_int(x, scale, zp, *self.grid).to(torch.uint8), scale, zp
 
     def quantize_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """Eager: the same codes from one vectorised ``quantize_per_tensor`` (the element-wise chain of
-        :meth:`quantize` made an eager fashion-dit forward 16 % slower); it may round an exact tie the
-        other way than the reference."""
+        """Eager: the same codes from one vectorised ``quantize_per_tensor`` (unfused, the element-wise
+        chain of :meth:`quantize` is five passes over ``x`` and made an eager forward slower); it may
+        round an exact tie the other way than the reference."""
         s, zp = self.params_eager(x)
         z = round(zp) + self.shift
         if self.grid != (0, 255):  # clamp to the format's own grid inside [0, 255]
@@ -174,7 +174,7 @@ class _Int8Layer(nn.Module):
             part = x if len(self.inputs) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
             if torch.compiler.is_compiling():  # one opaque node per GEMM, the quantize step in the graph
                 codes, scale, zp = inp.quantize(part)
-                qparams = torch.stack([scale, zp]).float()
+                qparams = torch.stack([scale, zp])  # float32 already
                 out = torch.ops.diffquant.int8_gemm(codes, qparams, self.handle, i)
             else:
                 out = self.kernel.gemm(*inp.quantize_eager(part), i)
