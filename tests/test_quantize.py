@@ -9,11 +9,12 @@ from torch import nn
 
 import diffquant
 from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
-from diffquant.calibrate import full_precision, selected_rows, step_buckets
 from diffquant.eval.metrics import sqnr
+from diffquant.modes import full_precision
 from diffquant.nn import ActQuantizer, CalibrationError, QuantConv2d
 from diffquant.quantize import UnsupportedModelError, prepare
 from diffquant.serialization import QuantizedDirError
+from diffquant.trajectory import selected_rows, step_buckets
 from tests.conftest import tiny_model
 
 CAL = CalibrationConfig(

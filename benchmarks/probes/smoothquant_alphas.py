@@ -9,12 +9,14 @@ import sys
 sys.path.insert(0, "benchmarks")
 from ptq_table import recipe_for
 
-from diffquant.calibrate import smooth
+from diffquant.methods import smoothquant
 from diffquant.models import load_builtin
-from diffquant.quantize import prepare
+from diffquant.prepare import prepare
+from diffquant.trajectory import record_builtin
 
 r = recipe_for("W8A8", "smoothquant", 128)
-m = prepare(load_builtin("fashion-dit"), r)
-a = smooth(m, r, r.calibration, progress=False)
+m = load_builtin("fashion-dit")
+trajectory = record_builtin(m, r.calibration, progress=False)
+a = smoothquant.run(prepare(m, r), r, trajectory)["alphas"]
 print(collections.Counter(a.values()))
 print(a)

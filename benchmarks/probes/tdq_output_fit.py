@@ -27,9 +27,9 @@ saved = {}
 orig = T.fit_to_output
 
 
-def grab(model, config, runner=None, progress=True, fp_weights=None, **kw):
-    saved["state"] = copy.deepcopy((model, fp_weights))
-    saved["config"] = config
+def grab(model, trajectory, progress=True, **kw):
+    saved["state"] = copy.deepcopy(model)
+    saved["trajectory"] = trajectory
     return {}
 
 
@@ -39,7 +39,7 @@ t0 = time.perf_counter()
 quantize(load_builtin(name), r, progress=False)
 print("calib", time.perf_counter() - t0, flush=True)
 for c in configs:
-    m, fw = copy.deepcopy(saved["state"])
+    m = copy.deepcopy(saved["state"])
     t0 = time.perf_counter()
-    res = orig(m, saved["config"], progress=False, fp_weights=fw, **c)
+    res = orig(m, saved["trajectory"], progress=False, **c)
     print(json.dumps({**c, **res, "s": round(time.perf_counter() - t0)}), flush=True)

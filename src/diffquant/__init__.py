@@ -7,21 +7,27 @@ Example:
     >>> diffquant.save_quantized(model, "unet-w8a8", model_name="fashion-unet")   # doctest: +SKIP
 """
 
-from diffquant.quantize import freeze, prepare, quantize
+from diffquant.prepare import freeze, prepare
+from diffquant.quantize import calibrating, quantize
 from diffquant.recipe import RECIPES, CalibrationConfig, Override, Recipe, get_recipe
 from diffquant.serialization import load_quantized, save_quantized
+from diffquant.trajectory import DenoiserCall, Trajectory, recording
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RECIPES",
     "CalibrationConfig",
+    "DenoiserCall",
     "Override",
     "Recipe",
+    "Trajectory",
+    "calibrating",
     "freeze",
     "get_recipe",
     "load_quantized",
     "prepare",
     "quantize",
+    "recording",
     "save_quantized",
 ]

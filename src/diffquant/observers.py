@@ -346,7 +346,28 @@ OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MseOb
 
 
 def make_observer(name: str, **kwargs) -> Observer:
-    """Build an observer by name: ``minmax``, ``percentile`` or ``mse``."""
+    """Build an observer by name: ``minmax``, ``percentile``, ``mse`` or ``step-percentile``."""
     if name not in OBSERVERS:
         raise ValueError(f"Unknown observer {name!r}; choose one of {', '.join(OBSERVERS)}.")
     return OBSERVERS[name](**kwargs)
+
+
+def recipe_observer(recipe) -> Observer:
+    """A fresh observer of the kind (and settings) a :class:`~diffquant.recipe.Recipe` calibrates with."""
+    kwargs = {
+        "percentile": {"percentile": recipe.percentile},
+        "mse": {"p": recipe.lp_norm},
+        "step-percentile": {"step_percentile": recipe.step_percentile, "reduction": recipe.step_reduction},
+    }.get(recipe.observer, {})
+    return make_observer(recipe.observer, **kwargs)
+
+
+def observed_range(recipe, qtype: QType, symmetric: bool):
+    """``x -> (lo, hi)``: the range the recipe's observer picks for ``x`` seen at one step."""
+
+    def act_range(x: torch.Tensor):
+        obs = recipe_observer(recipe)
+        obs.update(x, 0)
+        return obs.range(qtype, symmetric)
+
+    return act_range

@@ -64,6 +64,9 @@ def save_quantized(
         (tmp / "recipe.json").write_text(recipe.to_json() + "\n")
         meta = {"format_version": FORMAT_VERSION, "model": model_name, "model_class": type(model).__name__}
         meta["weight_bytes"] = weight_bytes(model)
+        report = getattr(model, "diffquant_report", None)
+        if report is not None:  # what each method step did (SmoothQuant alphas, GPTQ error ratios, ...)
+            meta["report"] = json.loads(json.dumps(report, default=float))
         meta.update(extra)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
@@ -115,7 +118,7 @@ def load_quantized(
     """
     from diffquant.integrations.pipelines import denoiser_name, is_pipeline
     from diffquant.models.builtin import WeightsError, load_builtin, load_state_file
-    from diffquant.quantize import freeze, prepare
+    from diffquant.prepare import freeze, prepare
 
     path = Path(path)
     meta, recipe = read_meta(path)
@@ -157,6 +160,8 @@ def load_quantized(
         model.diffquant_timestep_scale = float(meta["timestep_scale"])
     if meta.get("num_timesteps") is not None:
         model.diffquant_num_timesteps = int(meta["num_timesteps"])
+    if meta.get("report") is not None:
+        model.diffquant_report = meta["report"]
     return model.eval()
 
 

@@ -54,3 +54,44 @@ def denoising_step(index: int, timestep: int, num_steps: int):
         yield
     finally:
         _CURRENT.reset(token)
+
+
+class StepHook:
+    """Forward hooks that make a model's own time-step argument the current step when no sampler has set one.
+
+    Args:
+        model: the denoiser; its ``diffquant_timestep_scale`` (pipelines that pass a rescaled ``t``,
+            Flux: ``t / 1000``) maps the argument back to the training time step.
+        read_t: ``read_t(args, kwargs) -> tensor | None``: the call's time-step argument.
+    """
+
+    def __init__(self, model, read_t):
+        self.read_t = read_t
+        self.tokens: list = []
+        self.handles = (
+            model.register_forward_pre_hook(self.pre, with_kwargs=True),
+            model.register_forward_hook(self.post, with_kwargs=True, always_call=True),
+        )
+
+    def pre(self, module, args, kwargs):
+        t = None if current_step() is not None else self.read_t(args, kwargs)
+        if t is None:
+            self.tokens.append(None)
+            return
+        flat = t.flatten()
+        if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+            raise ValueError(
+                "a quantized model with per-step scales needs one time step per call; got a batch of "
+                "different time steps (sample them in separate calls)"
+            )
+        scale = getattr(module, "diffquant_timestep_scale", 1.0)
+        self.tokens.append(_CURRENT.set(StepInfo(-1, round(float(flat[0]) * scale), -1)))
+
+    def post(self, module, args, kwargs, output):
+        token = self.tokens.pop() if self.tokens else None
+        if token is not None:
+            _CURRENT.reset(token)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -14,7 +15,6 @@ from torch import nn
 
 import diffquant
 from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
-from diffquant.calibrate import _make_observe, full_precision
 from diffquant.eval.metrics import psnr
 from diffquant.integrations.pipelines import PipelineRunner, is_pipeline
 from diffquant.nn import QuantModule
@@ -66,9 +66,9 @@ def test_quantize_run_save_load_identical_images(kind, recipe, tmp_path):
     attention = [m for m in denoiser(pipe).modules() if hasattr(m, "quant_matmuls")]
     assert len(quantized) >= 10 and attention, "the denoiser's Linear/Conv layers and attention are quantized"
     if RECIPES[recipe].weight_method.startswith("gptq"):  # rounded from the pipeline's own calls
-        assert len(denoiser(pipe).diffquant_gptq_error_ratios) >= 10
+        assert len(denoiser(pipe).diffquant_report["gptq"]["error_ratios"]) >= 10
     if RECIPES[recipe].tdq_fit == "output":
-        assert denoiser(pipe).diffquant_tdq_fit["steps"] == STEPS
+        assert denoiser(pipe).diffquant_report["tdq_output_fit"]["steps"] == STEPS
     q_images = run(pipe, kind)
     assert not np.array_equal(q_images, fp_images)
     # 8-bit weights and activations on a random tiny model: close to FP, not equal (measured 42-66 dB)
@@ -83,33 +83,22 @@ def test_quantize_run_save_load_identical_images(kind, recipe, tmp_path):
     np.testing.assert_array_equal(run(fresh, kind), q_images)
 
 
-class _Recorder:
-    """Forward pre-hook on a denoiser submodule: the step context and batch size of every call."""
-
-    def __init__(self, module: nn.Module, quantizer):
-        self.calls: list[tuple[int, int, int, bool]] = []
-        self.quantizer = quantizer
-        module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        step = current_step()
-        self.calls.append((step.index, step.timestep, args[0].shape[0], self.quantizer.observing))
-
-
 @pytest.mark.parametrize("selection", ["all", "single", "ndtc"])
 def test_runner_steps_come_from_the_schedule_and_rows_follow_the_selection(selection, tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
-    model = prepare(pipe.unet, "w8a8")
-    conv = model.down_blocks[0].resnets[0].conv1
-    rec = _Recorder(conv, conv.input_quantizer)
     config = CalibrationConfig(selection=selection, n_samples=3, steps=STEPS, batch_size=3, single_index=2)
-    with full_precision(model):
-        timesteps = PipelineRunner(pipe, PROMPTS)(model, config, _make_observe(model), progress=False)
+    everything = PipelineRunner(pipe, PROMPTS).record(dataclasses.replace(config, selection="all"), progress=False)
     pipe.scheduler.set_timesteps(STEPS)
-    assert timesteps == [int(t) for t in pipe.scheduler.timesteps]
-    full = [c for c in rec.calls if c[2] == 6]  # classifier-free guidance: [uncond, cond] x 3 samples
-    assert [(i, t) for i, t, _, _ in full] == list(enumerate(timesteps)), "each call knows its step"
-    observed = [(i, b) for i, _, b, obs in rec.calls if obs]
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    assert everything.timesteps == timesteps
+    # classifier-free guidance: [uncond, cond] x 3 samples in each call, each call knows its step
+    assert [(c.step.index, c.step.timestep, c.batch) for c in everything] == [
+        (i, t, 6) for i, t in enumerate(timesteps)
+    ]
+    assert all(c.samples == [0, 1, 2, 0, 1, 2] for c in everything)
+    kept = PipelineRunner(pipe, PROMPTS).record(config, progress=False)  # only the selected rows are kept
+    observed = [(c.step.index, c.batch) for c in kept]
+    assert observed == [(c.step.index, c.batch) for c in everything.select(config)]
     if selection == "all":
         assert observed == [(i, 6) for i in range(STEPS)]
     elif selection == "single":
@@ -168,17 +157,17 @@ def test_rescaled_timesteps_are_detected_and_saved(tmp_path):
 
 
 def test_output_correction_is_fitted_at_the_pipelines_own_steps():
-    # the pipeline runner wraps the denoiser's forward, so its hooks run outside the sampler step,
-    # and this pipeline passes t / 1000: the fit must still see each scheduled integer t
+    # this pipeline passes t / 1000: the recorded calls, and so the fit, must still see each scheduled integer t
     from diffquant.calibrate import calibrate
-    from diffquant.methods.output_correction import fit_output_correction
+    from diffquant.methods.output_correction import fit_calibration, fit_output_correction
 
     pipe = _rescaled_pipeline()
     recipe = get_recipe("w4a8").replace(weight_method="rtn")
+    trajectory = PipelineRunner(pipe, class_labels=[1, 2]).record(CAL, [CAL, fit_calibration(CAL)], progress=False)
+    assert trajectory.timestep_scale == pytest.approx(1000.0)
     model = prepare(pipe.transformer, recipe)
-    runner = PipelineRunner(pipe, class_labels=[1, 2])
-    calibrate(model, recipe, CAL, runner=runner, progress=False)
-    ks = fit_output_correction(model, CAL, runner=runner, progress=False)
+    calibrate(model, recipe, trajectory)
+    ks = fit_output_correction(model, trajectory, CAL)
     pipe.scheduler.set_timesteps(STEPS)
     assert sorted(ks) == sorted(int(t) for t in pipe.scheduler.timesteps)
     gain = model.diffquant_output_correction.gain

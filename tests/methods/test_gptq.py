@@ -83,12 +83,13 @@ def test_collector_counts_only_while_observing():
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 def test_gptq_recipe_end_to_end_beats_round_to_nearest_and_saves_exactly(kind, tmp_path):
-    from diffquant.methods.mixed import record_inputs
+    from diffquant.trajectory import record_builtin
 
     # denoiser inputs on the FP trajectory at the steps GPTQ's Hessians come from (every 5th step):
     # on a random tiny model that is what GPTQ can promise; other samplers are measured on the
     # trained models by the PTQ table
-    inputs = record_inputs(prepare(tiny_model(kind), "w4a16"), replace(CAL, selection="uniform", every=5))
+    config = replace(CAL, selection="uniform", every=5)
+    inputs = [c.args for c in record_builtin(tiny_model(kind), config, outputs=False, progress=False)]
     with torch.no_grad():
         refs = [tiny_model(kind)(x, t, y) for x, t, y in inputs]
     errors = {}
@@ -98,7 +99,7 @@ def test_gptq_recipe_end_to_end_beats_round_to_nearest_and_saves_exactly(kind, t
         with torch.no_grad():
             errors[method] = sum((model(*i) - r).pow(2).mean().item() for i, r in zip(inputs, refs, strict=True))
         if method != "rtn":
-            ratios = model.diffquant_gptq_error_ratios
+            ratios = model.diffquant_report["gptq"]["error_ratios"]
             assert ratios and sum(ratios.values()) / len(ratios) < 0.9
     assert errors["gptq"] < errors["rtn"] and errors["gptq-seq"] < errors["rtn"]
     x, t, y = inputs[0]
@@ -121,20 +122,15 @@ class _Chain(torch.nn.Module):
 
 def test_sequential_gptq_rounds_each_layer_from_its_inputs_in_the_partly_quantized_model():
     """``gptq-seq``: the second layer's Hessian comes from the first layer's *rounded* output, replayed
-    from the recorded calls (through a custom runner); independent GPTQ would use the float output."""
-    from diffquant.timestep import denoising_step
-
+    from the recorded calls (the user's own loop); independent GPTQ would use the float output."""
     gen = torch.Generator().manual_seed(0)
     xs = [correlated_inputs(8, 16, seed=i) + 0.1 * torch.randn(8, 16, generator=gen) for i in range(3)]
 
-    def run(model, config, observe, progress=True):
+    def my_sampler(model):  # t rises from call to call: three one-step runs of 8 samples each
         for i, x in enumerate(xs):
-            t = torch.full((8,), 100 * i)
-            with denoising_step(i, 100 * i, len(xs)):
-                observe(model, x, t, None, list(range(8)))
-        return [0, 100, 200]
+            model(x, torch.full((8,), 100 * i))
 
-    model = quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), run, progress=False)
+    model = quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), my_sampler, progress=False)
     fp = _Chain()
     h1 = sum(x.T @ x for x in xs) / 24
     q1, _ = gptq_quantize(fp.first.weight.detach(), h1, INT4, 32)
@@ -172,9 +168,12 @@ def test_gptq_on_smoothed_layers_stores_exactly_what_the_fake_quant_path_compute
     recipe = get_recipe("w8a8-smoothquant").replace(weights="int4", weight_group_size=16, weight_method="gptq")
     model = prepare(tiny_model("dit"), recipe)
     from diffquant.calibrate import calibrate
+    from diffquant.methods.gptq import gptq_calibration
+    from diffquant.trajectory import record_builtin
 
-    calibrate(model, recipe, CAL, progress=False)
-    ratios = round_weights(model, "gptq", CAL, progress=False)
+    trajectory = record_builtin(tiny_model("dit"), CAL, [CAL, gptq_calibration(CAL)], progress=False)
+    calibrate(model, recipe, trajectory)
+    ratios = round_weights(model, "gptq", trajectory, CAL, progress=False)["error_ratios"]
     smoothed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.smooth is not None]
     assert smoothed and any(not torch.all(m.smooth == 1) for m in smoothed)
     assert ratios and all(r < 1.0 for r in ratios.values())
@@ -200,11 +199,11 @@ def test_gptq_on_a_model_without_a_sampler_says_what_to_pass():
 
 
 def test_sequential_gptq_without_observed_calls_says_what_to_do():
-    def run(model, config, observe, progress=True):  # a runner that never reaches a selected step
-        return []
+    def my_sampler(model):  # a loop that never calls the model
+        return None
 
-    with pytest.raises(ValueError, match="weight_method='gptq'"):
-        quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), run, progress=False)
+    with pytest.raises(ValueError, match="made no call of the model"):
+        quantize(_Chain(), get_recipe("w4a16").replace(weight_method="gptq-seq"), my_sampler, progress=False)
 
 
 def test_gptq_rounds_fp8_weights_onto_the_e4m3_grid_with_less_output_error_than_nearest():
@@ -226,7 +225,7 @@ def test_gptq_rounds_fp8_weights_onto_the_e4m3_grid_with_less_output_error_than_
 def test_fp8_recipe_with_gptq_weights_saves_and_loads_exactly(tmp_path):
     recipe = get_recipe("fp8").replace(weight_method="gptq")
     model = quantize(tiny_model("dit"), recipe, CAL, progress=False)
-    assert model.diffquant_gptq_error_ratios
+    assert model.diffquant_report["gptq"]["error_ratios"]
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([300, 300]), torch.tensor([1, 2])
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q", tiny_model("dit"))

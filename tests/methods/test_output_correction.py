@@ -6,14 +6,21 @@ import pytest
 import torch
 
 from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
-from diffquant.calibrate import full_precision, selected_rows
-from diffquant.methods.output_correction import ATTR, _interp, fit_output_correction, install
+from diffquant.methods.output_correction import ATTR, fit_calibration, fit_output_correction, install, interp
+from diffquant.modes import full_precision
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.sampling import sample
 from diffquant.timestep import denoising_step
+from diffquant.trajectory import record_builtin, recording, selected_rows
 from tests.conftest import GaussianDenoiser, tiny_model
 
 CAL = CalibrationConfig(n_samples=4, steps=6, every=2, batch_size=4)
+
+
+def fp_trajectory(model, config):
+    """The FP trajectory the fit replays (recorded with the model's quantization off)."""
+    with full_precision(model):
+        return record_builtin(model, config, [fit_calibration(config)], progress=False)
 
 
 class ShrinkingDenoiser(GaussianDenoiser):
@@ -33,7 +40,7 @@ class ShrinkingDenoiser(GaussianDenoiser):
 def test_gain_table_undoes_a_systematic_under_prediction_at_every_step():
     model = ShrinkingDenoiser()
     install(model, 1000)
-    ks = fit_output_correction(model, CAL, progress=False)
+    ks = fit_output_correction(model, fp_trajectory(model, CAL), CAL)
     assert len(ks) == CAL.steps  # every step of the calibration sampler is observed
     for t, k in ks.items():
         assert k == pytest.approx(-0.1 - 0.1 * t / 1000, abs=1e-6)
@@ -53,7 +60,7 @@ def test_correction_lowers_the_sampling_error_of_a_shrunken_model():
         fp, _ = sample(model, n=8, steps=10, progress=False)
     before, _ = sample(model, n=8, steps=10, progress=False)
     install(model, 1000)
-    fit_output_correction(model, replace(CAL, steps=10), progress=False)
+    fit_output_correction(model, fp_trajectory(model, replace(CAL, steps=10)), CAL)
     after, _ = sample(model, n=8, steps=10, progress=False)
     assert (after - fp).pow(2).mean() < 0.01 * (before - fp).pow(2).mean()
 
@@ -62,7 +69,7 @@ def test_interp_matches_numpy():
     np = pytest.importorskip("numpy")
     xp, fp = torch.tensor([10.0, 200.0, 900.0], dtype=torch.float64), torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
     x = torch.arange(1000, dtype=torch.float64)
-    torch.testing.assert_close(_interp(x, xp, fp), torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy())))
+    torch.testing.assert_close(interp(x, xp, fp), torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy())))
 
 
 def test_uniform_selection_can_count_from_the_last_step():
@@ -97,12 +104,11 @@ def test_fit_on_an_output_it_cannot_read_says_what_to_do():
     model = DictDenoiser()
     install(model, 1000)
 
-    def runner(model, config, observe, progress):  # one observed step of a sampler that reads the dict
-        with denoising_step(0, 500, 1):
-            observe(model, torch.randn(2, 1, 28, 28), torch.full((2,), 500), torch.zeros(2, dtype=torch.long), [0, 1])
-
+    with full_precision(model), recording(model) as traj:  # one step of a sampler that reads the dict
+        model(torch.randn(2, 1, 28, 28), torch.full((2,), 500), torch.zeros(2, dtype=torch.long))
+    assert len(traj) == 1
     with pytest.raises(ValueError, match="output_correction=False"):
-        fit_output_correction(model, CAL, runner=runner, progress=False)
+        fit_output_correction(model, traj, CAL)
 
 
 class LearnedVariance(torch.nn.Module):

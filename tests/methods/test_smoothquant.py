@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
-from diffquant.calibrate import full_precision
 from diffquant.methods.smoothquant import SmoothStats, layer_error, search_alpha, smoothing_factors
+from diffquant.modes import full_precision
 from diffquant.nn import QuantLinear
 from diffquant.qtypes import int8
 from diffquant.quantize import prepare
@@ -68,16 +68,16 @@ def test_smoothquant_save_load_identical(tmp_path):
 
 def test_fixed_alpha_is_used():
     q = quantize(tiny_model("dit"), get_recipe("w8a8-smoothquant").replace(smoothquant_alpha=0.8), CAL, progress=False)
-    assert set(q.diffquant_smoothquant_alphas.values()) == {0.8}
+    assert set(q.diffquant_report["smoothquant"]["alphas"].values()) == {0.8}
     with pytest.raises(ValueError, match="smoothquant_alpha"):
         get_recipe("w8a8").replace(smoothquant_alpha=1.5)
 
 
 def test_search_has_no_smoothing_as_a_candidate_and_smooths_outliers_under_the_recipes_observer():
-    from diffquant.calibrate import _observed_range
+    from diffquant.observers import observed_range
     from diffquant.recipe import get_recipe
 
-    act_range = _observed_range(get_recipe("w8a8"), int8, False)
+    act_range = observed_range(get_recipe("w8a8"), int8, False)
     # every channel alike: all alphas give s = 1, a tie, which goes to "no smoothing"
     x = torch.randint(0, 2, (512, 64)).float() * 2 - 1
     w = torch.randint(0, 2, (32, 64)).float() * 2 - 1

@@ -158,15 +158,14 @@ class _Mixer(torch.nn.Module):
         return self.mix(x)
 
 
-def _mixer_runner(model, config, observe, progress=True):
+def _mixer_sampler(model):
     gen = torch.Generator().manual_seed(0)
     steps = [900, 500, 100]
     for i, t in enumerate(steps):
         for _ in range(2):  # two calls per step
             x = torch.cat([torch.rand(64, 1, generator=gen) * 16 - 8, 0.1 * torch.randn(64, 1, generator=gen)], 1)
             with denoising_step(i, t, len(steps)):
-                observe(model, x * (1 + t / 1000), torch.full((64,), t), None, list(range(64)))
-    return steps
+                model(x * (1 + t / 1000), torch.full((64,), t))
 
 
 def test_output_fit_finds_the_range_the_output_needs_where_the_layers_own_range_is_wrong():
@@ -175,9 +174,9 @@ def test_output_fit_finds_the_range_the_output_needs_where_the_layers_own_range_
     recipe = get_recipe("w8a4-tdq").replace(
         exclude=(), weight_only=(), attention=False, tdq_fit="range", tdq_fit_iters=300
     )
-    ranged = quantize(_Mixer(), recipe, _mixer_runner, progress=False)
-    model = quantize(_Mixer(), recipe.replace(tdq_fit="output"), _mixer_runner, progress=False)
-    fit = model.diffquant_tdq_fit
+    ranged = quantize(_Mixer(), recipe, _mixer_sampler, progress=False)
+    model = quantize(_Mixer(), recipe.replace(tdq_fit="output"), _mixer_sampler, progress=False)
+    fit = model.diffquant_report["tdq_output_fit"]
     assert fit["kept"] and fit["loss_after"] < 0.5 * fit["loss_before"] and fit["steps_improved"] == 3
     q, q0 = model.mix.input_quantizer, ranged.mix.input_quantizer
     assert (q.scale[[100, 500, 900]] < 0.5 * q0.scale[[100, 500, 900]]).all()
@@ -200,17 +199,17 @@ def test_output_fit_that_does_not_help_keeps_the_range_fit():
     torch.manual_seed(0)
     recipe = get_recipe("w8a4-tdq").replace(tdq_fit="output", tdq_fit_iters=0)  # no step: no lower error
     model = quantize(tiny_model("unet"), recipe, CAL, progress=False)
-    assert not model.diffquant_tdq_fit["kept"]
+    assert not model.diffquant_report["tdq_output_fit"]["kept"]
     for a, b in zip(_tables(model), _tables(ranged), strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_take_rows_cuts_batch_tensors_only():
-    from diffquant.methods.tdq import _take_rows
+    from diffquant.denoiser import take_rows
 
     rows = torch.tensor([2, 0])
     args = (torch.arange(4.0), torch.tensor(7), {"cond": torch.ones(4, 3), "ctx": torch.ones(2, 5)}, "x")
-    x, t, kw, s = _take_rows(args, rows, 4)
+    x, t, kw, s = take_rows(args, rows, 4)
     assert torch.equal(x, torch.tensor([2.0, 0.0])) and t.item() == 7 and s == "x"
     assert kw["cond"].shape == (2, 3) and kw["ctx"].shape == (2, 5)
 

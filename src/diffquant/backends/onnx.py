@@ -76,8 +76,8 @@ from torch import nn
 
 from diffquant import primitives as P
 from diffquant.backends.common import integer_obstacle
-from diffquant.methods.output_correction import ATTR as OC_ATTR
 from diffquant.nn.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from diffquant.nn.output_gain import ATTR as OC_ATTR
 from diffquant.nn.quantizer import ActQuantizer
 
 FORMS = ("integer", "qdq")

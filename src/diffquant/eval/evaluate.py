@@ -18,21 +18,21 @@ from torch import nn
 from diffquant.eval.distributed import cat_gathered, gather, rank_and_world, shard
 from diffquant.eval.fd import GaussianStats, feature_stats, frechet_distance
 from diffquant.eval.metrics import psnr_per_image, sqnr
-from diffquant.models.builtin import _package_dir, load_builtin, load_state_file
+from diffquant.models.builtin import load_builtin, load_state_file, package_dir
 
 TRAIN_STATS_FILE = "fashion-features-train-stats.safetensors"
 
 
 def train_stats_path() -> Path:
     """The shipped feature statistics of the Fashion-MNIST training set (60,000 images)."""
-    return _package_dir() / "weights" / TRAIN_STATS_FILE
+    return package_dir() / "weights" / TRAIN_STATS_FILE
 
 
 def load_reference() -> dict:
     """Shipped facts about the feature network: test accuracy and the real-data FD floor per N."""
     import json
 
-    path = _package_dir() / "weights" / "fashion-features-reference.json"
+    path = package_dir() / "weights" / "fashion-features-reference.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall diffquant or run `diffquant train features`.")
     return json.loads(path.read_text())

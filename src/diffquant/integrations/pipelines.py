@@ -5,11 +5,11 @@
     image = pipe("a photo of a cat").images[0]
 
 Calibration runs the user's pipeline as it is (its scheduler, text encoder, classifier-free
-guidance, latent size) and observes its denoiser (``pipe.unet`` or ``pipe.transformer``) at the
-steps the recipe's :class:`~diffquant.recipe.CalibrationConfig` selects; its ``sampler`` field is
-not used, the pipeline's scheduler is. During calibration each denoiser call runs inside an explicit
-:func:`~diffquant.timestep.denoising_step` whose index is the call's time step located in the
-scheduler's schedule (never a call count). After quantization the denoiser takes its step from its
+guidance, latent size) once and records its denoiser's calls (``pipe.unet`` or
+``pipe.transformer``) at the steps the recipe's method steps select
+(:class:`~diffquant.trajectory.Trajectory`); the ``sampler`` field of the
+:class:`~diffquant.recipe.CalibrationConfig` is not used, the pipeline's scheduler is. Each call's
+step index is its time step located in the scheduler's schedule (never a call count). After quantization the denoiser takes its step from its
 own time-step argument (the hook of :func:`diffquant.quantize.prepare`); pipelines that pass a
 rescaled time step (Flux passes ``t / 1000``) are detected on the first calibration call and the
 factor is kept as ``diffquant_timestep_scale`` (saved with the model).
@@ -25,6 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffquant.denoiser import UnsupportedModelError, batch_size, timestep_argument, timestep_of
+from diffquant.timestep import StepInfo
+from diffquant.trajectory import Recorder, Trajectory, union_rows
+
 DENOISERS = ("unet", "transformer")
 
 
@@ -38,8 +42,6 @@ def denoiser_name(pipe) -> str:
     for name in DENOISERS:
         if isinstance(getattr(pipe, name, None), nn.Module):
             return name
-    from diffquant.quantize import UnsupportedModelError
-
     raise UnsupportedModelError(
         f"{type(pipe).__name__} has no denoiser diffquant knows ({' or '.join(DENOISERS)} attribute); "
         "quantize its denoiser module directly with diffquant.quantize(module, ..., calibration=runner)."
@@ -71,17 +73,6 @@ def _conditioning(pipe, prompts, class_labels) -> Callable[[int, int], dict]:
     return lambda lo, hi: {"batch_size": hi - lo} if "batch_size" in params else {}
 
 
-def _take(obj, idx: torch.Tensor, batch: int):
-    """``obj`` with every tensor whose first dimension is the batch indexed by ``idx`` (recursively)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[idx] if obj.ndim >= 1 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple | list):
-        return type(obj)(_take(o, idx, batch) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take(v, idx, batch) for k, v in obj.items()}
-    return obj
-
-
 def _timestep_scale(scheduled: float, passed: float) -> float:
     """How the pipeline rescales the scheduler's time step before the denoiser sees it (1.0: not at all)."""
     if passed == 0 or abs(scheduled - passed) <= 1e-3 * max(1.0, abs(scheduled)):
@@ -90,7 +81,7 @@ def _timestep_scale(scheduled: float, passed: float) -> float:
 
 
 class PipelineRunner:
-    """A calibration runner (see :func:`diffquant.calibrate.calibrate`) that runs a diffusers pipeline.
+    """Records a diffusers pipeline's denoiser calls into a :class:`~diffquant.trajectory.Trajectory`.
 
     Args:
         pipe: the pipeline; its denoiser is the model being calibrated.
@@ -109,61 +100,49 @@ class PipelineRunner:
                     f"pipeline_kwargs must not set {reserved!r}: calibration sets it (steps and seed come from "
                     "the CalibrationConfig, conditioning from prompts / class_labels)."
                 )
-        self.timestep_scale = 1.0
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, config, observe: Callable, progress: bool = True) -> list[int]:
+    def record(
+        self, config, selections: list | None = None, *, max_bytes: int | None = None, progress: bool = True
+    ) -> Trajectory:
+        """Run the pipeline on ``max(n_samples)`` calibration samples and record the rows ``selections``
+        (default ``[config]``) replay; steps and seed from ``config``."""
         from tqdm.auto import tqdm
 
-        from diffquant.calibrate import observed_call, selected_rows
-        from diffquant.quantize import timestep_argument
-        from diffquant.timestep import denoising_step
-
         pipe = self.pipe
+        model = getattr(pipe, denoiser_name(pipe))
         name, pos = timestep_argument(model)
+        selections = selections or [config]
         pipe.scheduler.set_timesteps(config.steps)
         scheduled = [float(t) for t in pipe.scheduler.timesteps]
         ints = [round(t) for t in scheduled]
-        rows = selected_rows(config, ints, config.n_samples, pipe.scheduler.config.num_train_timesteps)
+        T = int(pipe.scheduler.config.num_train_timesteps)
+        n = max(c.n_samples for c in selections)
+        traj = Trajectory(max_bytes, num_timesteps=T)
+        traj.timesteps = ints
         span = {"lo": 0, "hi": 0}
         scale: list[float] = []
-        original = model.forward
-        bar = tqdm(
-            total=config.n_samples * len(ints), desc="calibrating", unit="step", disable=not progress, leave=False
-        )
+        bar = tqdm(total=n * len(ints), desc="recording FP trajectory", unit="step", disable=not progress, leave=False)
 
-        def forward(*args, **kwargs):
-            t = kwargs[name] if name in kwargs else args[pos]
-            passed = float(torch.as_tensor(t).flatten()[0])
+        def locate(args, kwargs):
+            passed = float(timestep_of(args, kwargs, name, pos).flatten()[0])
             if not scale:  # the first call is at the first scheduled step
                 scale.append(_timestep_scale(scheduled[0], passed))
             index = min(range(len(scheduled)), key=lambda k: abs(scheduled[k] - passed * scale[0]))
             lo, hi = span["lo"], span["hi"]
-            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim >= 1), None)
-            batch = x.shape[0] if x is not None else hi - lo
+            batch = batch_size(args, kwargs) or hi - lo
             if batch % (hi - lo):
                 raise RuntimeError(f"the denoiser got a batch of {batch} for {hi - lo} samples; cannot map rows")
-            # classifier-free guidance stacks copies of the batch ([cond, uncond]): observe each copy
-            local = [r - lo for r in rows[index] if lo <= r < hi]
-            positions = [r + j * (hi - lo) for j in range(batch // (hi - lo)) for r in local]
-
-            def call(idx):
-                if idx is None:
-                    return original(*args, **kwargs)
-                return original(*_take(args, idx, batch), **_take(kwargs, idx, batch))
-
-            with denoising_step(index, ints[index], len(ints)):
-                out = observed_call(observe.quantizers, call, positions, batch)
             bar.update(hi - lo)
-            return out
+            # classifier-free guidance stacks copies of the batch ([uncond, cond]): each row's sample
+            return StepInfo(index, ints[index], len(ints)), [lo + j % (hi - lo) for j in range(batch)]
 
-        forward.__wrapped__ = original  # observers that re-run a call use the model's own forward
+        recorder = Recorder(model, traj, keep=union_rows(selections, ints, T), locate=locate)
         progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)
-        model.forward = forward
         try:
-            for lo in range(0, config.n_samples, config.batch_size):
-                hi = min(config.n_samples, lo + config.batch_size)
+            for lo in range(0, n, config.batch_size):
+                hi = min(n, lo + config.batch_size)
                 span.update(lo=lo, hi=hi)
                 generators = [torch.Generator().manual_seed(config.seed * 1_000_003 + i) for i in range(lo, hi)]
                 pipe(
@@ -171,53 +150,9 @@ class PipelineRunner:
                     output_type="latent", **self.kwargs,
                 )  # fmt: skip
         finally:
-            del model.forward
+            recorder.close()
             pipe._progress_bar_config = progress_config
             bar.close()
-        self.timestep_scale = scale[0] if scale else 1.0
-        return ints
-
-
-def quantize_pipeline(
-    pipe,
-    recipe="w8a8",
-    calibration=None,
-    *,
-    prompts=None,
-    class_labels=None,
-    pipeline_kwargs: dict | None = None,
-    progress: bool = True,
-):
-    """Quantize ``pipe``'s denoiser in place, calibrated on the pipeline's own sampling; returns ``pipe``.
-
-    Args:
-        pipe: a diffusers ``DiffusionPipeline`` with a ``unet`` or ``transformer``.
-        recipe: a recipe or its name.
-        calibration: a :class:`~diffquant.recipe.CalibrationConfig` (default: the recipe's); its
-            ``n_samples``, ``steps``, ``selection``, ``seed`` and ``batch_size`` are used.
-        prompts: prompts for text-conditioned pipelines.
-        class_labels: labels for class-conditional pipelines (DiT).
-        pipeline_kwargs: more keywords for each calibration call (``guidance_scale``, ``height``, ``width``).
-        progress: show a progress bar.
-    """
-    from diffquant.quantize import quantize
-    from diffquant.recipe import CalibrationConfig, get_recipe
-
-    recipe = get_recipe(recipe)
-    if calibration is not None and not isinstance(calibration, CalibrationConfig):
-        raise TypeError("for a pipeline, calibration must be a CalibrationConfig (the pipeline is the runner)")
-    if calibration is not None:
-        recipe = recipe.replace(calibration=calibration)
-    if recipe.weight_bits_budget is not None:
-        raise ValueError(
-            f"recipe {recipe.name!r} allocates bits by per-layer sensitivity, which replays recorded (x, t, cond) "
-            "inputs; that is not supported on pipelines yet. Quantize with a fixed recipe (diffquant recipes)."
-        )
-    model = getattr(pipe, denoiser_name(pipe))
-    runner = PipelineRunner(pipe, prompts, class_labels, pipeline_kwargs)
-    num_timesteps = int(pipe.scheduler.config.num_train_timesteps)
-    quantize(model, recipe, runner, num_timesteps=num_timesteps, progress=progress)
-    if runner.timestep_scale != 1.0:
-        model.diffquant_timestep_scale = runner.timestep_scale
-    model.diffquant_num_timesteps = num_timesteps
-    return pipe
+        traj.timesteps = ints
+        traj.timestep_scale = scale[0] if scale else 1.0
+        return traj

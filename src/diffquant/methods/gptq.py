@@ -40,17 +40,19 @@ scaled weight, with absmax scales); ternary and binary weights keep their own ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.calibrate import CallRecorder
+from diffquant.modes import activations_only, full_precision, observing
+from diffquant.nn.modules import QuantConv2d, QuantLinear
 from diffquant.qtypes import QType
-from diffquant.recipe import WEIGHT_METHODS
+from diffquant.recipe import WEIGHT_METHODS, CalibrationConfig
+from diffquant.trajectory import Trajectory, default_budget
 
 GPTQ_EVERY = 5  # Hessians from every 5th calibration step, counted back from the last (cleanest) one
 GPTQ_FROM = "last"  # CalibrationConfig.uniform_from of the Hessian steps
@@ -69,8 +71,8 @@ def _stop(module, args):
 class HessianCollector:
     """Accumulates ``sum x x^T`` of a layer's input (the weight's columns' space) while ``observing``.
 
-    It is switched on and off with the activation quantizers' ``observing`` protocol (see
-    :func:`diffquant.calibrate.observed_call`), so only the selected calibration rows count.
+    It counts while ``observing`` is on (:func:`diffquant.modes.observing`), so only the replayed
+    calibration rows count.
     Rows beyond ``GPTQ_ROWS_PER_CALL`` per call are subsampled (seeded), keeping the cost bounded.
     With ``quantized_input`` the rows are the input after the layer's own input quantizer (what the
     quantized weight multiplies), else the float input.
@@ -118,25 +120,34 @@ def gptq_quantize(
     group_size: int | None,
     damp: float = 0.01,
     block: int = 128,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-round ``weight`` (``(out, k)`` or a conv weight) given its input Hessian ``(k, k)``.
+
+    ``dtype`` is the precision of the factorisation (float64; float32 for Hessians too large to hold
+    twice in float64, as GPTQ's reference code does). At most two ``k x k`` matrices of that dtype
+    exist at once, beside the caller's ``hessian``.
 
     Returns ``(dequantized weight, scale)``: the weight on its integer grid (same shape) and the
     ``(out, n_groups)`` scales, such that :func:`~diffquant.primitives.quantize_weight` with that
     scale reproduces it exactly.
     """
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).double().clone()
+    w = weight.detach().reshape(shape[0], -1).to(dtype).clone()
     out, k = w.shape
     g = k if group_size is None else group_size
     n_groups = math.ceil(k / g)
-    h = hessian.double().clone()
+    h = hessian.to(dtype, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        chol = torch.linalg.cholesky(h)
+        del h
+        hinv = torch.cholesky_inverse(chol)
+        del chol
+        hinv = torch.linalg.cholesky(hinv, upper=True)
     except torch.linalg.LinAlgError:  # not positive definite even after damping: fall back to RTN
         scale = P.search_weight_scale(weight, qtype, group_size)
         return P.fake_quant_weight(weight.detach().float(), qtype, group_size, scale=scale), scale
@@ -155,11 +166,11 @@ def gptq_quantize(
                 grp = torch.cat([w1[:, i : i + (end - col)], w[:, i2:end]], 1) if end > i2 else w1[:, i : i + end - col]
                 s = P.search_weight_scale(grp.float(), qtype, None)[:, 0]
                 scale[:, col // g] = s
-                s_col = s.double()
+                s_col = s.to(dtype)
             x = w1[:, i]
             if qtype.kind == "float":  # FP8: the nearest E4M3 value of the scaled weight
                 y = (x / s_col).clamp(-qtype.max_value, qtype.max_value).float()
-                qx = y.to(torch.float8_e4m3fn).double() * s_col
+                qx = y.to(torch.float8_e4m3fn).to(dtype) * s_col
             else:
                 qx = torch.clamp(torch.round(x / s_col), qtype.qmin, qtype.qmax) * s_col
             q[:, col] = qx
@@ -170,9 +181,10 @@ def gptq_quantize(
     return q.float().reshape(shape), scale
 
 
-def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from diffquant.nn.modules import QuantConv2d, QuantLinear
+FLOAT64_BYTES = 1 << 30  # GPTQ factorises in float64 while two k x k float64 copies fit this (or the budget)
 
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
@@ -184,32 +196,80 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def float_weights(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
-    """Copies of the float weights :func:`round_weights` would overwrite (for comparing with FP later)."""
-    return {m: m.weight.detach().clone() for _, m in _weight_layers(model)}
+def hessian_bytes(m: nn.Module) -> int:
+    """Bytes of a layer's float32 input Hessian (``k x k``, ``k`` = the flattened input of its weight)."""
+    k = m.weight[0].numel()
+    return 4 * k * k
 
 
-def weight_swap(fp_weights: dict[nn.Module, torch.Tensor]) -> Callable[[bool], None]:
-    """``swap(to_fp)``: put the float weights of :func:`float_weights` back (``True``) or the model's
-    current, rounded ones (``False``), for comparing the quantized model with the FP one."""
-    rounded = {m: m.weight.detach() for m in fp_weights}
+def gptq_calibration(config: CalibrationConfig) -> CalibrationConfig:
+    """The trajectory rows GPTQ's Hessians come from: the last step and every ``GPTQ_EVERY``-th before it,
+    of the first ``GPTQ_MAX_SAMPLES`` calibration trajectories."""
+    return dataclasses.replace(
+        config, selection="uniform", every=GPTQ_EVERY, uniform_from=GPTQ_FROM,
+        n_samples=min(config.n_samples, GPTQ_MAX_SAMPLES),
+    )  # fmt: skip
 
-    def swap(to_fp: bool) -> None:
-        for m, w in (fp_weights if to_fp else rounded).items():
-            m.weight.data = w
 
-    return swap
+NAME = "gptq"
+
+
+def applies(recipe) -> bool:
+    return recipe.weight_method != "rtn"
+
+
+def selections(recipe) -> list[CalibrationConfig]:
+    return [gptq_calibration(recipe.calibration)] if recipe.weight_method.startswith("gptq") else []
+
+
+def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True) -> dict:
+    """The weight-rounding step of :func:`diffquant.quantize`: ``{"error_ratios": {layer: ratio}, ...}``."""
+    return round_weights(model, recipe.weight_method, trajectory, recipe.calibration, progress=progress)
+
+
+class _Rounded:
+    """A layer's GPTQ result kept compact until every group is rounded: integer (or E4M3) codes and scales."""
+
+    def __init__(self, qw: torch.Tensor, scale: torch.Tensor, qtype: QType, group_size: int | None):
+        self.shape, self.qtype, self.group_size = qw.shape, qtype, group_size
+        self.scale = scale
+        s = self._expanded(qw.reshape(qw.shape[0], -1).shape[1])
+        codes = qw.reshape(qw.shape[0], -1) / s
+        self.codes = codes.to(torch.float8_e4m3fn) if qtype.kind == "float" else torch.round(codes).to(torch.int8)
+
+    def _expanded(self, k: int) -> torch.Tensor:
+        g = k if self.group_size is None else self.group_size
+        return self.scale.repeat_interleave(g, dim=1)[:, :k]
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, bit for bit what :func:`gptq_quantize` returned."""
+        k = self.codes.shape[1]
+        return (self.codes.to(torch.float32) * self._expanded(k)).reshape(self.shape)
 
 
 @torch.no_grad()
-def round_weights(model: nn.Module, method: str, config=None, runner: Callable | None = None, progress=True) -> dict:
+def round_weights(
+    model: nn.Module,
+    method: str,
+    trajectory: Trajectory | None = None,
+    config: CalibrationConfig | None = None,
+    *,
+    hessian_budget: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Choose the integer weights of a prepared model by ``method`` (``rtn``, ``mse``, ``gptq``, ``gptq-seq``).
 
     ``mse`` and ``gptq`` set each layer's ``weight_scale_fixed`` (and, for ``gptq``, its weight to the
     rounded values), which :meth:`~diffquant.nn.modules.QuantModule.freeze` then stores as they are.
-    ``config`` is the calibration (:class:`~diffquant.recipe.CalibrationConfig`) whose sampler and
-    seed the GPTQ Hessians use. Returns per-layer ``{name: output-error ratio vs RTN}`` for GPTQ
-    (``< 1``: GPTQ's ``tr((W-Q) H (W-Q)^T)`` is lower than round-to-nearest's), else ``{}``.
+
+    GPTQ collects the Hessians of as many layers at a time as fit ``hessian_budget`` bytes (default:
+    :func:`~diffquant.trajectory.default_budget`), replaying the trajectory's GPTQ rows
+    (:func:`gptq_calibration` of ``config``) once per group, each replay stopped after the group's
+    last layer. Every group sees the FP model's inputs (the rounded weights are put in place only
+    when all groups are done), so the result equals collecting every Hessian at once.
+
+    Returns ``{"error_ratios": {name: output-error ratio vs RTN}, "groups": n, "replays": calls}`` for
+    GPTQ (``< 1``: GPTQ's ``tr((W-Q) H (W-Q)^T)`` is lower than round-to-nearest's), else ``{}``.
     """
     if method not in WEIGHT_METHODS:
         raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {method!r}")
@@ -220,126 +280,140 @@ def round_weights(model: nn.Module, method: str, config=None, runner: Callable |
         for _, m in layers:
             m.weight_scale_fixed = P.search_weight_scale(m.effective_weight(), m.weight_qtype, m.group_size)
         return {}
-    import dataclasses
-
-    from diffquant.calibrate import _builtin_runner, _make_observe, full_precision, has_builtin_sampler
-
-    if runner is None and not has_builtin_sampler(model):
+    if trajectory is None:
         raise TypeError(
-            "GPTQ weight rounding needs the model's sampling trajectory, and this model has no built-in sampler "
-            "settings: pass calibration=run(model, config, observe) that runs its sampler, or round to nearest "
-            "without data: recipe.replace(weight_method='rtn')"
+            "GPTQ weight rounding needs the model's FP trajectory: pass one (diffquant.recording), or round "
+            "to nearest without data: recipe.replace(weight_method='rtn')"
         )
-
-    config = dataclasses.replace(
-        config,
-        selection="uniform",
-        every=GPTQ_EVERY,
-        uniform_from=GPTQ_FROM,
-        n_samples=min(config.n_samples, GPTQ_MAX_SAMPLES),
-    )
+    rows = trajectory.select(gptq_calibration(config or CalibrationConfig()))
+    if not len(rows):
+        raise ValueError(
+            "GPTQ: the trajectory has no call at the steps GPTQ's Hessians use (the last step and every "
+            f"{GPTQ_EVERY}th before it); record the whole sampling run, or use weight_method='rtn'"
+        )
+    budget = default_budget() if hessian_budget is None else int(hessian_budget)
+    seed = config.seed if config is not None else 0
     if method == "gptq-seq":
-        return _round_sequential(model, layers, config, runner, progress)
-    collectors = {n: HessianCollector(m, seed=config.seed) for n, m in layers}
-    try:
-        with full_precision(model):
-            (runner or _builtin_runner)(model, config, _make_observe(model, list(collectors.values())), progress)
-    finally:
-        for c in collectors.values():
-            c.remove()
-    ratios = {}
-    for name, m in layers:
-        ratio = _round_layer(m, collectors[name])
-        if ratio is not None:
-            ratios[name] = ratio
-    return ratios
-
-
-def _round_layer(m: nn.Module, c: HessianCollector) -> float | None:
-    """GPTQ-round ``m``'s weight in place from ``c``'s Hessian; its output-error ratio vs RTN
-    (``None``: no calibration row reached the layer, which keeps round-to-nearest)."""
-    if c.hessian is None:
-        return None
-    w = m.effective_weight().detach().float()
-    h = c.hessian / max(c.rows, 1)
-    qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size)
-    rtn = P.fake_quant_weight(w, m.weight_qtype, m.group_size)
-    e_gptq, e_rtn = _output_error(w - qw, h), _output_error(w - rtn, h)
-    new = qw if m.smooth is None else qw / m.smooth.to(qw.dtype)
-    m.weight.copy_(new.to(m.weight.dtype))
-    m.weight_scale_fixed = scale.to(m.weight.device)
-    return e_gptq / e_rtn if e_rtn > 0 else 1.0
-
-
-def _replay(model: nn.Module, call: tuple) -> None:
-    """Run one recorded call (the model's forward, without its hooks) at its step; a ``_Stop`` ends it."""
-    from diffquant.timestep import denoising_step
-
-    args, kwargs, step = call
-    with denoising_step(step.index, step.timestep, step.num_steps), contextlib.suppress(_Stop):
-        model.forward(*args, **kwargs)
-
-
-@torch.no_grad()
-def _round_sequential(model: nn.Module, layers, config, runner, progress: bool) -> dict:
-    """``gptq-seq``: round the layers in forward order, each from its inputs in the partly quantized model."""
+        return _round_sequential(model, layers, rows, seed, progress)
+    order, once = _forward_order(model, rows, layers)
+    groups: list[list[tuple[str, nn.Module]]] = [[]]
+    size = 0
+    for item in order:
+        b = hessian_bytes(item[1])
+        if groups[-1] and size + b > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += b
     from tqdm.auto import tqdm
 
-    from diffquant.calibrate import _builtin_runner, _make_observe, _quant_switches, full_precision
-    from diffquant.methods.output_correction import OutputCorrection
-    from diffquant.nn.modules import QuantModule
+    rounded: dict[str, _Rounded] = {}
+    ratios: dict[str, float] = {}
+    replays = 0
+    bar = tqdm(total=len(order), desc="gptq", unit="layer", disable=not progress, leave=False)
+    for group in groups:
+        collectors = {n: HessianCollector(m, seed=seed) for n, m in group}
+        stop = group[-1][1].register_forward_hook(_stop_after) if once else None
+        try:
+            with full_precision(model), observing(collectors.values()):
+                for call in rows:
+                    with contextlib.suppress(_Stop):
+                        call.replay(model)
+                    replays += 1
+        finally:
+            for c in collectors.values():
+                c.remove()
+            if stop is not None:
+                stop.remove()
+        for name, m in group:
+            result = _round_layer(m, collectors.pop(name), budget)
+            if result is not None:
+                rounded[name], ratios[name] = result
+            bar.update(1)
+    bar.close()
+    for name, m in layers:  # every Hessian saw FP inputs; now the rounded weights go in
+        if name in rounded:
+            _assign(m, rounded.pop(name))
+    return {"error_ratios": ratios, "groups": len(groups), "replays": replays}
 
-    recorder = CallRecorder(model)
-    try:
-        with full_precision(model):
-            (runner or _builtin_runner)(model, config, _make_observe(model, [recorder]), progress)
-    finally:
-        recorder.remove()
-    calls = recorder.calls
-    if not calls:
-        raise ValueError(
-            "gptq-seq: no calibration call reached the denoiser at a selected step, so there is nothing to "
-            "replay; check the calibration runner, or use weight_method='gptq'"
-        )
-    # forward order: the first time each layer is reached in one recorded call
-    order: list[str] = []
+
+def _stop_after(module, args, output):
+    raise _Stop
+
+
+def _forward_order(model: nn.Module, rows: Trajectory, layers) -> tuple[list, bool]:
+    """``layers`` in the order one replayed call first reaches them, and whether each runs once per call
+    (then a replay may stop after a group's last layer)."""
+    seen: dict[str, int] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda mod, a, n=n: None if n in order else order.append(n)) for n, m in layers
+        m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, seen.get(n, 0) + 1)) for n, m in layers
     ]
     try:
         with full_precision(model):
-            _replay(model, calls[0])
+            next(iter(rows)).replay(model)
     finally:
         for h in hooks:
             h.remove()
     by_name = dict(layers)
-    switches = _quant_switches(model)
-    before = [getattr(o, a) for o, a in switches]
-    for o, a in switches:  # activation quantizers on, output correction and weight quantization off
-        setattr(o, a, not isinstance(o, (QuantModule, OutputCorrection)))
+    order = [(n, by_name[n]) for n in seen] + [(n, m) for n, m in layers if n not in seen]
+    return order, all(v == 1 for v in seen.values()) and len(seen) == len(layers)
+
+
+def _round_layer(m: nn.Module, c: HessianCollector, budget: int) -> tuple[_Rounded, float] | None:
+    """GPTQ-round ``m``'s weight from ``c``'s Hessian (released on the way): its compact result and its
+    output-error ratio vs RTN (``None``: no calibration row reached the layer, which keeps round-to-nearest)."""
+    if c.hessian is None:
+        return None
+    h, c.hessian = c.hessian, None
+    h /= max(c.rows, 1)
+    k = h.shape[0]
+    dtype = torch.float64 if 16 * k * k <= max(budget, FLOAT64_BYTES) else torch.float32
+    w = m.effective_weight().detach().float()
+    qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size, dtype=dtype)
+    rtn = P.fake_quant_weight(w, m.weight_qtype, m.group_size)
+    e_gptq, e_rtn = _output_error(w - qw, h), _output_error(w - rtn, h)
+    del h
+    return _Rounded(qw, scale, m.weight_qtype, m.group_size), (e_gptq / e_rtn if e_rtn > 0 else 1.0)
+
+
+def _assign(m: nn.Module, r: _Rounded) -> None:
+    qw = r.weight()
+    new = qw if m.smooth is None else qw / m.smooth.to(qw.dtype)
+    m.weight.copy_(new.to(m.weight.dtype))
+    m.weight_scale_fixed = r.scale.to(m.weight.device)
+
+
+@torch.no_grad()
+def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, progress: bool) -> dict:
+    """``gptq-seq``: round the layers in forward order, each from its inputs in the partly quantized model."""
+    from tqdm.auto import tqdm
+
+    order, _ = _forward_order(model, rows, layers)
     ratios = {}
-    try:
-        for name in tqdm(order, desc="gptq-seq", unit="layer", disable=not progress, leave=False):
-            m = by_name[name]
-            c = HessianCollector(m, seed=config.seed, quantized_input=True)
+    replays = 0
+    with activations_only(model):  # activation quantizers on; weight quantization and the output gain off
+        for name, m in tqdm(order, desc="gptq-seq", unit="layer", disable=not progress, leave=False):
+            c = HessianCollector(m, seed=seed, quantized_input=True)
             c.observing = True
             stop = m.register_forward_pre_hook(_stop)  # after the collector's hook
             try:
-                for call in calls:
-                    _replay(model, call)
+                for call in rows:
+                    with contextlib.suppress(_Stop):
+                        call.replay(model)
+                    replays += 1
             finally:
                 c.remove()
                 stop.remove()
-            ratio = _round_layer(m, c)
-            if ratio is not None:
-                ratios[name] = ratio
+            result = _round_layer(m, c, default_budget())
+            if result is not None:
+                _assign(m, result[0])
+                ratios[name] = result[1]
             m.weight_quant_enabled = True  # the layers after it see its rounded output
-    finally:
-        for (o, a), b in zip(switches, before, strict=True):
-            setattr(o, a, b)
-    return ratios
+    return {"error_ratios": ratios, "groups": len(order), "replays": replays}
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
-    d = delta.reshape(delta.shape[0], -1).double()
-    return float(((d @ h.double()) * d).sum())
+    """``tr(D H D^T)``, in float64 while a float64 copy of ``H`` fits :data:`FLOAT64_BYTES`."""
+    dtype = torch.float64 if 8 * h.numel() <= FLOAT64_BYTES else torch.float32
+    d = delta.reshape(delta.shape[0], -1).to(dtype)
+    return float(((d @ h.to(dtype)) * d).sum())

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffquant.calibrate import _builtin_runner, calibrate
+from diffquant.denoiser import input_channels, input_name, noise_prediction
+from diffquant.modes import switched
 from diffquant.nn.modules import QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.qtypes import get_qtype
 from diffquant.recipe import CalibrationConfig, Override, Recipe
+from diffquant.trajectory import Trajectory, has_builtin_sampler, record_builtin
 
 
 @dataclass
@@ -36,56 +38,38 @@ class LayerChoice:
     upgraded: bool = False
 
 
-def record_inputs(model: nn.Module, config: CalibrationConfig, runner=None, max_inputs: int = 256) -> list[tuple]:
-    """Denoiser inputs ``(x, t, cond)`` at the selected steps of FP trajectories (at most ``max_inputs`` rows)."""
-    from diffquant.calibrate import full_precision
-
-    batches: list[tuple] = []
-    count = 0
-
-    def observe(m, x, t, y, rows):
-        nonlocal count
-        if rows and count < max_inputs:
-            idx = torch.tensor(rows[: max_inputs - count])
-            batches.append((x[idx].clone(), t[idx].clone(), y[idx].clone()))
-            count += len(idx)
-        return m(x, t, y)
-
-    with full_precision(model):
-        (runner or _builtin_runner)(model, config, observe, False)
-    return batches
+PROBE_SAMPLES = 16  # trajectories whose calls measure the sensitivities
 
 
-def _only(model: nn.Module, keep: QuantModule | None) -> None:
+def _only(keep: QuantModule | None):
     """Quantize only ``keep`` (weights and its input quantizers); everything else runs in float."""
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            m.weight_quant_enabled = m is keep
-        if isinstance(m, ActQuantizer):
-            m.enabled = False
-    if keep is not None:
-        for q in (keep.input_quantizer, keep.input_quantizer_2):
-            if q is not None:
-                q.enabled = True
+    inputs = () if keep is None else tuple(q for q in (keep.input_quantizer, keep.input_quantizer_2) if q is not None)
+
+    def on(m) -> bool:
+        return m is keep if isinstance(m, QuantModule) else isinstance(m, ActQuantizer) and m in inputs
+
+    return on
 
 
 @torch.no_grad()
-def layer_errors(model: nn.Module, inputs: list[tuple]) -> dict[str, float]:
-    """Relative eps error of each quantized layer alone: ``sum ||e_q - e_fp||^2 / sum ||e_fp||^2``."""
-    _only(model, None)
-    reference = [model(x, t, y) for x, t, y in inputs]
+def layer_errors(model: nn.Module, calls: list) -> dict[str, float]:
+    """Relative eps error of each quantized layer alone over ``calls`` (recorded denoiser calls):
+    ``sum ||e_q - e_fp||^2 / sum ||e_fp||^2``."""
+    name = input_name(model)
+
+    def outputs():
+        return [noise_prediction(c.replay(model), input_channels(c.args, c.kwargs, name)) for c in calls]
+
+    with switched(model, _only(None)):
+        reference = outputs()
+    den = max(sum(float(r.pow(2).sum()) for r in reference), 1e-30)
     errors = {}
-    for name, m in model.named_modules():
+    for layer, m in model.named_modules():
         if not isinstance(m, QuantModule) or m.weight_qtype is None:
             continue
-        _only(model, m)
-        num = sum(float((model(x, t, y) - r).pow(2).sum()) for (x, t, y), r in zip(inputs, reference, strict=True))
-        errors[name] = num / max(sum(float(r.pow(2).sum()) for r in reference), 1e-30)
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            m.weight_quant_enabled = True
-        if isinstance(m, ActQuantizer):
-            m.enabled = True
+        with switched(model, _only(m)):
+            num = sum(float((e - r).pow(2).sum()) for e, r in zip(outputs(), reference, strict=True))
+        errors[layer] = num / den
     return errors
 
 
@@ -112,31 +96,46 @@ def _bits(fmt: str) -> float:
     return float(get_qtype(fmt).bits)
 
 
+NAME = "mixed_precision"
+
+
+def probe_calls(model: nn.Module, recipe: Recipe, trajectory: Trajectory | None, progress: bool) -> list:
+    """The calls the sensitivities are measured on: built-in models sample held-out trajectories (the
+    calibration seed + 1, every 5th step of ``PROBE_SAMPLES``), other models use those of ``trajectory``."""
+    cal = recipe.calibration
+    probe = CalibrationConfig(
+        selection="uniform", n_samples=PROBE_SAMPLES, steps=cal.steps, every=5, sampler=cal.sampler,
+        seed=cal.seed + 1, batch_size=cal.batch_size,
+    )  # fmt: skip
+    if has_builtin_sampler(model):
+        return list(record_builtin(model, probe, outputs=False, progress=progress))
+    if trajectory is None:
+        raise TypeError("mixed precision needs the model's FP trajectory: pass calibration=trajectory")
+    return list(trajectory.select(probe))
+
+
 def mixed_precision_recipe(
-    model: nn.Module, recipe: Recipe, runner=None, progress: bool = True
+    model: nn.Module, recipe: Recipe, trajectory: Trajectory | None = None, progress: bool = True
 ) -> tuple[Recipe, list[LayerChoice]]:
     """Resolve ``recipe.weight_bits_budget`` into per-layer overrides (low format -> ``int8``).
 
+    Each format's copy of the model is prepared and its activation ranges calibrated on
+    ``trajectory`` (round-to-nearest weights) before its layers' sensitivities are measured.
     Returns the recipe with explicit overrides (and no budget left to resolve) and the choices.
     """
-    from diffquant.quantize import prepare
+    from diffquant.calibrate import calibrate
+    from diffquant.prepare import prepare
 
     high = recipe.replace(weights="int8", weight_group_size=None, weight_bits_budget=None)
     low = recipe.replace(weight_bits_budget=None)
     low_bits, high_bits = _bits(recipe.weights), _bits("int8")
-    probe_config = CalibrationConfig(
-        selection="uniform", n_samples=16, steps=recipe.calibration.steps, every=5,
-        sampler=recipe.calibration.sampler, seed=recipe.calibration.seed + 1,
-    )  # fmt: skip
+    calls = probe_calls(model, recipe, trajectory, progress)
     errors = {}
-    inputs = None
     for key, r in (("low", low), ("high", high)):
         m = prepare(copy.deepcopy(model), r)
         if r.needs_calibration:
-            calibrate(m, r, r.calibration, runner=runner, progress=progress)
-        if inputs is None:
-            inputs = record_inputs(m, probe_config, runner)
-        errors[key] = layer_errors(m, inputs)
+            calibrate(m, r, trajectory, progress)  # SmoothQuant and ranges: what sensitivities depend on
+        errors[key] = layer_errors(m, calls)
         params = {
             n: mod.weight.numel()
             for n, mod in m.named_modules()

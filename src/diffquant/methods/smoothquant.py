@@ -109,3 +109,55 @@ def search_alpha(
     }
     best = min(errors, key=errors.get)  # the first minimum: no smoothing on a tie
     return best, dict(candidates)[best], errors
+
+
+NAME = "smoothquant"
+
+
+def applies(recipe) -> bool:
+    return recipe.smoothquant and recipe.needs_calibration
+
+
+def selections(recipe) -> list:
+    """The trajectory rows SmoothQuant observes: the range calibration's."""
+    return [recipe.calibration]
+
+
+@torch.no_grad()
+def run(model, recipe, trajectory, progress: bool = True) -> dict:
+    """SmoothQuant's first pass: per-channel activation maxima and sample rows on the selected calls,
+    then each layer's factors with a fixed or searched alpha (``x / s``, ``W * s``).
+
+    Returns ``{"alphas": {layer: alpha}}`` (``None``: the search kept the layer unsmoothed).
+    """
+    from diffquant.modes import act_quantizers, quant_modules, replay_observing
+    from diffquant.nn.quantizer import CalibrationError
+    from diffquant.observers import observed_range
+
+    layers = {n: m for n, m in model.named_modules() if m in set(quant_modules(model)) and m.smooth is not None}
+    for m in layers.values():
+        m.smooth.fill_(1.0)
+        m.smooth_stats = SmoothStats()
+    try:
+        # the input quantizers' observing flag is what lets a layer collect (QuantModule.quantize_input);
+        # with no observer attached they pass the input through
+        replay_observing(model, trajectory.select(recipe.calibration), act_quantizers(model))
+        alphas = {}
+        for name, m in layers.items():
+            stats = m.smooth_stats
+            if stats.absmax is None:
+                raise CalibrationError(f"{name}: no calibration data reached this layer")
+            if recipe.smoothquant_alpha is not None:
+                alpha, s = recipe.smoothquant_alpha, smoothing_factors(stats.absmax, m.weight, recipe.smoothquant_alpha)
+            else:
+                q = m.input_quantizer
+                alpha, s, _ = search_alpha(
+                    stats, m.weight, q.qtype, m.weight_qtype, m.group_size, q.symmetric,
+                    act_range=observed_range(recipe, q.qtype, q.symmetric),
+                )  # fmt: skip
+            m.smooth.copy_(s.to(m.smooth.dtype))
+            alphas[name] = alpha
+        return {"alphas": alphas}
+    finally:
+        for m in layers.values():
+            m.smooth_stats = None

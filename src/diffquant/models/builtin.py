@@ -27,7 +27,8 @@ class WeightsError(RuntimeError):
     """A weight file that is missing, corrupt or does not fit the model."""
 
 
-def _package_dir() -> Path:
+def package_dir() -> Path:
+    """The installed `diffquant.models` folder (configs and shipped weights)."""
     return Path(str(resources.files("diffquant.models")))
 
 
@@ -41,12 +42,12 @@ def check_name(name: str) -> str:
 def load_config(name: str) -> dict:
     """The JSON config (architecture, noise schedule, training recipe) of a built-in model."""
     check_name(name)
-    return json.loads((_package_dir() / "configs" / f"{name}.json").read_text())
+    return json.loads((package_dir() / "configs" / f"{name}.json").read_text())
 
 
 def weights_path(name: str) -> Path:
     """Where the shipped weights of a built-in model live."""
-    return _package_dir() / "weights" / f"{check_name(name)}.safetensors"
+    return package_dir() / "weights" / f"{check_name(name)}.safetensors"
 
 
 def build_model(config: dict) -> nn.Module:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffquant import primitives as P
+from diffquant.nn.tdq import TDQGenerator
 from diffquant.observers import Observer
 from diffquant.qtypes import QType, get_qtype
 from diffquant.timestep import require_step
@@ -39,7 +40,7 @@ class ActQuantizer(nn.Module):
         buckets: number of scale buckets (1 for static).
         num_timesteps: the model's training time steps ``T``.
         name: the layer this quantizer belongs to, for error messages.
-        tdq: keyword arguments of :class:`~diffquant.methods.tdq.TDQGenerator` (tdq mode).
+        tdq: keyword arguments of :class:`~diffquant.nn.tdq.TDQGenerator` (tdq mode).
     """
 
     def __init__(
@@ -77,8 +78,6 @@ class ActQuantizer(nn.Module):
         self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
         self.range_offset = None  # learnable mode: (2,) log-multipliers of the generator's extents
         if mode == "tdq":
-            from diffquant.methods.tdq import TDQGenerator
-
             self.generator = TDQGenerator(num_timesteps, **(tdq or {}))
             self.bucket_of_t.copy_(torch.arange(num_timesteps))
         self.register_buffer("calibrated", torch.tensor(mode == "dynamic"))

@@ -1,0 +1,51 @@
+"""The TDQ generator (Temporal Dynamic Quantization, So et al., NeurIPS 2023): ``t -> (lo(t), hi(t))``.
+
+``g(t) = softplus(MLP(fourier(t / T)))`` (3 layers of 64 hidden units with ReLU, as in the paper)
+gives the negative and positive extents of an activation quantizer's clipping range. It is model
+state (saved with the quantizer); fitting it is :mod:`diffquant.methods.tdq`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TDQGenerator(nn.Module):
+    """``t -> (extent below 0, extent above 0)``, both positive.
+
+    Args:
+        num_timesteps: ``T``; inputs are scaled to ``t / T``.
+        n_freqs: Fourier frequencies ``pi * 2^k``, ``k < n_freqs``, as sin and cos features.
+        hidden: hidden width.
+        depth: number of Linear layers.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, n_freqs: int = 8, hidden: int = 64, depth: int = 3):
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freqs, dtype=torch.float32), persistent=False)
+        dims = [2 * n_freqs + 1, *([hidden] * (depth - 1)), 2]
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < depth - 1:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        x = t.float().reshape(-1, 1) / self.num_timesteps
+        ang = x * self.freqs
+        return torch.cat([x, ang.sin(), ang.cos()], dim=1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Extents ``(N, 2)``: ``[-lo(t), hi(t)]``."""
+        return F.softplus(self.mlp(self.features(t)))
+
+    def ranges(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo(t), hi(t))``."""
+        e = self(t)
+        return -e[:, 0], e[:, 1]
