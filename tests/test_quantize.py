@@ -218,3 +218,29 @@ def test_quant_levels(level, conv, ff, qkv, out, matmuls):
     assert hasattr(mods[f"{block}.attn1"], "quant_matmuls") is matmuls
     unet = dict(prepare(tiny_model("unet"), get_recipe("w8a8").replace(quant_level=level)).named_modules())
     assert isinstance(unet["unet.down_blocks.0.resnets.0.conv1"], QuantConv2d) is conv
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a8", "bucketed"])
+def test_load_on_meta_equals_the_old_load_into_a_float_model_bit_for_bit(kind, name, tmp_path):
+    """``load_quantized`` builds the architecture with empty (meta) parameters and assigns the saved
+    integers; the old path quantized a float copy again (prepare, freeze) and copied the state in."""
+    from diffquant.models.builtin import load_state_file
+    from diffquant.prepare import freeze
+
+    q = quantize(tiny_model(kind), RECIPES[name], CAL, progress=False)
+    save_quantized(q, tmp_path / "q")
+    state = load_state_file(tmp_path / "q" / "model.safetensors")
+    old = freeze(prepare(tiny_model(kind), RECIPES[name]))
+    old.load_state_dict(state)
+    built = load_quantized(tmp_path / "q", lambda: tiny_model(kind))
+    into_float = load_quantized(tmp_path / "q", tiny_model(kind))
+    assert not any(t.is_meta for t in built.state_dict().values())
+    assert all("weight" not in m._parameters for m in built.modules() if getattr(m, "frozen", False))
+    x, t, y = _inputs(built)
+    with torch.no_grad():
+        reference = old(x, t, y)
+        for m in (built, into_float):
+            assert m.state_dict().keys() == old.state_dict().keys()
+            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), old.state_dict().values()))
+            assert torch.equal(m(x, t, y), reference)

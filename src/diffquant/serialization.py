@@ -6,10 +6,12 @@ interrupted save never leaves a partial directory under the requested name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -102,23 +104,51 @@ def read_meta(path: str | os.PathLike) -> tuple[dict, Recipe]:
     return meta, recipe
 
 
+@contextlib.contextmanager
+def empty_weights():
+    """Modules built inside the block get their parameters on the ``meta`` device (no memory, no
+    initialisation); buffers stay real. :func:`load_quantized` fills them from the saved state."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def load_quantized(
-    path: str | os.PathLike, model: nn.Module | None = None, num_timesteps: int | None = None
+    path: str | os.PathLike,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    num_timesteps: int | None = None,
 ) -> nn.Module:
     """Rebuild a quantized model from a directory written by :func:`save_quantized`.
 
+    The model is built with its parameters on the ``meta`` device (the built-in model named in
+    ``meta.json``, or ``model()`` when ``model`` is a builder) and the saved integer weights, scales and
+    float parameters are assigned: no FP copy of the weights exists and nothing is quantized again.
+
     Args:
         path: the directory.
-        model: the float model to quantize into (default: the built-in model named in ``meta.json``),
-            or a freshly built diffusers pipeline (its denoiser is quantized in place; the pipeline is returned).
+        model: a builder ``model()`` of the float architecture (called with empty weights), the float
+            model itself (its weights are replaced), or a freshly built diffusers pipeline (its
+            denoiser is loaded in place; the pipeline is returned). Default: the built-in model named
+            in ``meta.json``.
         num_timesteps: the model's ``T`` if not derivable from the model (or saved with it).
 
     Raises:
         QuantizedDirError: missing or corrupt files, or a directory made for another model.
     """
     from diffquant.integrations.pipelines import denoiser_name, is_pipeline
-    from diffquant.models.builtin import WeightsError, load_builtin, load_state_file
-    from diffquant.prepare import freeze, prepare
+    from diffquant.models.builtin import WeightsError, build_model, load_config, load_state_file
+    from diffquant.nn.modules import QuantModule
+    from diffquant.prepare import prepare
 
     path = Path(path)
     meta, recipe = read_meta(path)
@@ -130,13 +160,21 @@ def load_quantized(
         load_quantized(path, getattr(pipe, component), num_timesteps)
         return pipe
     num_timesteps = num_timesteps or meta.get("num_timesteps")
+    on_meta = model is None or not isinstance(model, nn.Module)
     if model is None:
         if not meta.get("model"):
             raise QuantizedDirError(
-                f"{path} was saved from a custom model; pass that model to load_quantized(model=...)."
+                f"{path} was saved from a custom model; pass a builder of its architecture (or the model) "
+                "to load_quantized(model=...)."
             )
-        model = load_builtin(meta["model"])
-    elif meta.get("model_class") and meta["model_class"] != type(model).__name__:
+        config = load_config(meta["model"])
+        with empty_weights():
+            model = build_model(config)
+        model.config = config
+    elif on_meta:
+        with empty_weights():
+            model = model()
+    if meta.get("model_class") and meta["model_class"] != type(model).__name__:
         raise QuantizedDirError(
             f"{path} holds a quantized {meta['model_class']} ({meta.get('model') or 'custom'}), "
             f"not a {type(model).__name__}."
@@ -146,7 +184,9 @@ def load_quantized(
     except WeightsError as e:
         raise QuantizedDirError(str(e)) from e
     prepare(model, recipe, num_timesteps)
-    freeze(model)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule) and f"{name}.qweight" in state:
+            m.adopt_frozen(state, f"{name}.")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
@@ -155,7 +195,12 @@ def load_quantized(
             f"{path} does not match this model: {len(missing)} missing tensors {missing[:3]}, {len(unexpected)} "
             f"unexpected {unexpected[:3]}, {len(bad)} of another shape {bad[:3]}. Was it quantized from another model?"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=on_meta)
+    if on_meta:
+        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if left:
+            raise QuantizedDirError(f"{path}: the saved state leaves {left[:3]} unset; was it saved by diffquant?")
+        model.requires_grad_(False)
     if meta.get("timestep_scale") is not None:
         model.diffquant_timestep_scale = float(meta["timestep_scale"])
     if meta.get("num_timesteps") is not None:

@@ -130,11 +130,12 @@ def run(model, recipe, trajectory, progress: bool = True) -> dict:
 
     Returns ``{"alphas": {layer: alpha}}`` (``None``: the search kept the layer unsmoothed).
     """
-    from diffquant.modes import act_quantizers, quant_modules, replay_observing
+    from diffquant.modes import act_quantizers, replay_observing
+    from diffquant.nn.modules import QuantModule
     from diffquant.nn.quantizer import CalibrationError
     from diffquant.observers import observed_range
 
-    layers = {n: m for n, m in model.named_modules() if m in set(quant_modules(model)) and m.smooth is not None}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule) and m.smooth is not None}
     for m in layers.values():
         m.smooth.fill_(1.0)
         m.smooth_stats = SmoothStats()

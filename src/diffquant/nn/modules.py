@@ -123,9 +123,22 @@ class QuantModule(nn.Module):
         self.frozen = True
         self._w_cache = None
 
+    def adopt_frozen(self, state_dict: dict, prefix: str = "") -> None:
+        """Become frozen with the integer storage of a saved state (shapes and dtypes from ``state_dict``,
+        values filled by loading it): no float weight, no quantization pass."""
+        if self.frozen:
+            return
+        if "weight" in self._parameters:
+            del self.weight
+        self.weight_scale_fixed = None
+        for key in ("qweight", "weight_scale", "weight_shape", "weight_group"):
+            self.register_buffer(key, torch.empty_like(state_dict[prefix + key], device="cpu"))
+        self.frozen = True
+        self._w_cache = None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "qweight" in state_dict and not self.frozen:
-            self.freeze()  # make the integer buffers exist before loading
+            self.adopt_frozen(state_dict, prefix)  # make the integer buffers exist before loading
         for key in ("qweight", "weight_scale"):  # take the stored dtype (e.g. float32 scales out of fp16 range)
             saved = state_dict.get(prefix + key)
             if self.frozen and saved is not None and getattr(self, key).dtype != saved.dtype:
@@ -163,7 +176,7 @@ class QuantLinear(QuantModule):
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         q._init_quant(weight_qtype, group_size, input_quantizer, **kw)
-        return q.to(module.weight.device)
+        return q if module.weight.is_meta else q.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x, -1), self.quantized_weight().to(x.dtype), self.bias)
@@ -198,7 +211,7 @@ class QuantConv2d(QuantModule):
     ) -> QuantConv2d:
         q = cls(module)
         q._init_quant(weight_qtype, group_size, input_quantizer, **kw)
-        return q.to(module.weight.device)
+        return q if module.weight.is_meta else q.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -234,7 +247,7 @@ class QuantEmbedding(QuantModule):
             raise ValueError("an embedding's input is an index: quantize its weights only (activations 'none')")
         q = cls(module)
         q._init_quant(weight_qtype, group_size, None)
-        return q.to(module.weight.device)
+        return q if module.weight.is_meta else q.to(module.weight.device)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.quantized_weight(), self.padding_idx)
