@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import diffquant.methods.gptq as gptq
 from diffquant import quantize
 from diffquant.models import DENOISERS, load_builtin
 from diffquant.recipe import get_recipe
@@ -75,11 +74,7 @@ def main() -> None:
     results = {}
     for label in args.variants:
         recipe, start = VARIANTS[label]
-        default, gptq.GPTQ_FROM = gptq.GPTQ_FROM, start
-        try:
-            q = quantize(load_builtin(args.model), get_recipe(recipe), progress=False)
-        finally:
-            gptq.GPTQ_FROM = default
+        q = quantize(load_builtin(args.model), get_recipe(recipe).replace(gptq={"uniform_from": start}), progress=False)
         results[label] = error_by_step(fp, q, args.n, 50)
         last = results[label][-1]
         print(json.dumps(dict(variant=label, last_step=last)), flush=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-import diffquant.methods.gptq as gptq
 from diffquant import quantize
 from diffquant.eval import psnr
 from diffquant.models import DENOISERS, load_builtin
@@ -67,13 +66,10 @@ def main() -> None:
             weight_method="rtn", overrides=(Override("*class_embedder*", weights="int4", weight_group_size=64),)
         )
         run("fashion-dit", "w8a16 rtn, class tables int4/g64", tables)
-        for every in (gptq.GPTQ_EVERY, 1):
-            default_every, gptq.GPTQ_EVERY = gptq.GPTQ_EVERY, every
-            try:
-                for sampler in ("ddim", "dpmsolver++"):
-                    run("fashion-dit", f"w4a16 gptq, Hessians every {every} step(s)", get_recipe("w4a16"), sampler, 20)
-            finally:
-                gptq.GPTQ_EVERY = default_every
+        for every in (get_recipe("w4a16").gptq.every, 1):
+            recipe = get_recipe("w4a16").replace(gptq={"every": every})
+            for sampler in ("ddim", "dpmsolver++"):
+                run("fashion-dit", f"w4a16 gptq, Hessians every {every} step(s)", recipe, sampler, 20)
     record = dict(
         rows=rows, n=args.n, command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),

@@ -242,5 +242,25 @@ def test_load_on_meta_equals_the_old_load_into_a_float_model_bit_for_bit(kind, n
         reference = old(x, t, y)
         for m in (built, into_float):
             assert m.state_dict().keys() == old.state_dict().keys()
-            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), old.state_dict().values()))
+            assert all(
+                torch.equal(a, b) for a, b in zip(m.state_dict().values(), old.state_dict().values(), strict=True)
+            )
             assert torch.equal(m(x, t, y), reference)
+
+
+def test_method_settings_are_nested_validated_recipe_configs():
+    r = get_recipe("w4a8").replace(gptq={"every": 2, "hessian_bytes": 1 << 20}, output_fit={"correction_samples": 8})
+    assert r.gptq.every == 2 and r.gptq.uniform_from == "last" and r.output_fit.correction_samples == 8
+    assert diffquant.Recipe.from_json(r.to_json()) == r
+    old = r.to_dict()  # a recipe.json saved before the nested method configs existed
+    del old["gptq"], old["output_fit"]
+    assert diffquant.Recipe.from_dict(old).gptq == diffquant.Recipe().gptq
+    for bad, match in (({"gptq": {"every": 0}}, "every"), ({"gptq": {"damp": 2}}, "damp"),
+                       ({"gptq": {"uniform_from": "middle"}}, "uniform_from"),
+                       ({"output_fit": {"tdq_lr": 0}}, "tdq_lr")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            get_recipe("w4a8").replace(**bad)
+    from diffquant.methods.gptq import selections
+
+    (cfg,) = selections(r)
+    assert (cfg.selection, cfg.every, cfg.uniform_from, cfg.n_samples) == ("uniform", 2, "last", 64)

@@ -18,7 +18,7 @@ from diffquant.methods.gptq import gptq_calibration, round_weights
 from diffquant.modes import act_quantizers, full_precision, observing, quant_modules
 from diffquant.observers import StepAmaxObserver, recipe_observer
 from diffquant.prepare import prepare
-from diffquant.recipe import RECIPES
+from diffquant.recipe import RECIPES, GPTQConfig
 from diffquant.sampling import SamplerConfig, balanced_labels, sample_batch
 from diffquant.timestep import current_step
 from diffquant.trajectory import Trajectory, record_builtin, schedule_of, selected_rows, step_buckets
@@ -142,7 +142,7 @@ def test_gptq_in_hessian_groups_equals_gptq_all_at_once(kind):
     results = {}
     for budget in (1 << 40, 1):  # everything at once / every layer its own group
         model = prepare(tiny_model(kind), recipe)
-        report = round_weights(model, "gptq", trajectory, CAL, hessian_budget=budget, progress=False)
+        report = round_weights(model, "gptq", trajectory, CAL, gptq=GPTQConfig(hessian_bytes=budget), progress=False)
         results[budget] = (report, {k: v.clone() for k, v in model.state_dict().items()})
     (one, a), (many, b) = results[1 << 40], results[1]
     assert one["groups"] == 1 and many["groups"] == len(one["error_ratios"]) > 3

@@ -104,6 +104,65 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """How GPTQ collects its Hessians on the recorded trajectory (:mod:`diffquant.methods.gptq`).
+
+    Args:
+        every: Hessians from the last calibration step and every ``every``-th step before it.
+        uniform_from: where that stride starts counting (``last``: the cleanest steps, whose errors
+            reach the image directly, are always seen; ``first`` as the range calibration counts).
+        max_samples: the first calibration trajectories used.
+        rows_per_call: input rows (tokens / pixels) a layer adds to its Hessian per call; more are
+            subsampled (seeded).
+        damp: diagonal damping, relative to the mean diagonal of the Hessian.
+        hessian_bytes: bytes of Hessians collected at once (layers in groups, one replay per group);
+            ``None``: a tenth of physical memory.
+    """
+
+    every: int = 5
+    uniform_from: str = "last"
+    max_samples: int = 64
+    rows_per_call: int = 8192
+    damp: float = 0.01
+    hessian_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.every < 1 or self.max_samples < 1 or self.rows_per_call < 1:
+            raise ValueError("gptq every, max_samples and rows_per_call must be >= 1")
+        if self.uniform_from not in ("first", "last"):
+            raise ValueError(f"gptq uniform_from must be 'first' or 'last', got {self.uniform_from!r}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"gptq damp must be in (0, 1), got {self.damp}")
+        if self.hessian_bytes is not None and self.hessian_bytes < 1:
+            raise ValueError(f"gptq hessian_bytes must be >= 1 or None, got {self.hessian_bytes}")
+
+
+@dataclass(frozen=True)
+class OutputFitConfig:
+    """Settings of the fits against the FP model's recorded outputs.
+
+    Args:
+        correction_samples: trajectories the per-step output correction is fitted on (every step).
+        tdq_lr: Adam learning rate of the TDQ output fit's per-step range multipliers.
+        tdq_batch: rows per gradient step of the TDQ output fit.
+        tdq_refit_iters: steps of the final generator refit to the new per-step ranges.
+        seed: seed of the TDQ output fit's row draws.
+    """
+
+    correction_samples: int = 64
+    tdq_lr: float = 0.01
+    tdq_batch: int = 32
+    tdq_refit_iters: int = 600
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.correction_samples < 1 or self.tdq_batch < 1 or self.tdq_refit_iters < 0:
+            raise ValueError("output fit correction_samples and tdq_batch must be >= 1, tdq_refit_iters >= 0")
+        if not self.tdq_lr > 0:
+            raise ValueError(f"output fit tdq_lr must be > 0, got {self.tdq_lr}")
+
+
+@dataclass(frozen=True)
 class Override:
     """Per-module settings for modules whose qualified name matches ``pattern`` (fnmatch).
 
@@ -161,6 +220,8 @@ class Recipe:
         weight_only: fnmatch patterns of modules whose weights are quantized and activations not.
         overrides: per-module :class:`Override` entries, the last match wins.
         calibration: :class:`CalibrationConfig`.
+        gptq: :class:`GPTQConfig` (Hessian steps, samples and memory budget of GPTQ).
+        output_fit: :class:`OutputFitConfig` (the output correction's and TDQ output fit's settings).
         tdq_hidden, tdq_freqs, tdq_iters: TDQ generator width, Fourier frequencies, fitting steps.
         tdq_fit: what the TDQ generators are fitted to: ``range`` (each layer's per-step optimal
             range) or ``output`` (the range fit, then trained on the denoiser's output error along
@@ -200,6 +261,8 @@ class Recipe:
     weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    output_fit: OutputFitConfig = field(default_factory=OutputFitConfig)
     tdq_hidden: int = 64
     tdq_freqs: int = 8
     tdq_iters: int = 600
@@ -305,9 +368,10 @@ class Recipe:
         return s
 
     def replace(self, **changes) -> Recipe:
-        """A copy with some fields changed (``calibration`` may be a dict of its fields)."""
-        if isinstance(changes.get("calibration"), dict):
-            changes["calibration"] = dataclasses.replace(self.calibration, **changes["calibration"])
+        """A copy with some fields changed (``calibration``, ``gptq``, ``output_fit`` may be dicts of their fields)."""
+        for key in NESTED:
+            if isinstance(changes.get(key), dict):
+                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
@@ -324,8 +388,9 @@ class Recipe:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown recipe fields {sorted(unknown)}")
-        if "calibration" in d:
-            d["calibration"] = CalibrationConfig(**d["calibration"])
+        for key, cls_ in NESTED.items():  # recipes saved before a nested config existed take its defaults
+            if key in d:
+                d[key] = cls_(**d[key])
         if "overrides" in d:
             d["overrides"] = tuple(Override(**o) for o in d["overrides"])
         if "exclude" in d:
@@ -337,6 +402,9 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         return cls.from_dict(json.loads(text))
+
+
+NESTED = {"calibration": CalibrationConfig, "gptq": GPTQConfig, "output_fit": OutputFitConfig}
 
 
 def _named(name: str, **kw) -> Recipe:

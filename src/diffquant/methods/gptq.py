@@ -15,7 +15,7 @@
     ``||X W^T - X Q^T||`` is small rather than the weight error. Group scales are chosen (by the
     clipping search) when the rounding reaches a group's first column, from the already-updated
     weights. ``H`` is collected on the full-precision model's own sampling trajectory, like the
-    activation ranges, at the last step of the calibration sampler and every ``GPTQ_EVERY``-th
+    activation ranges, at the last step of the calibration sampler and every ``GPTQConfig.every``-th
     step before it (counting from the first step instead never saw the last four steps, whose
     errors reach the image directly: fashion-unet ``w4a8``'s last-step error 0.73 % -> 0.50 % of
     the output's energy, ``benchmarks/results/error_by_step_fashion-unet.md``); convolution inputs
@@ -51,13 +51,8 @@ from diffquant import primitives as P
 from diffquant.modes import activations_only, full_precision, observing
 from diffquant.nn.modules import QuantConv2d, QuantLinear
 from diffquant.qtypes import QType
-from diffquant.recipe import WEIGHT_METHODS, CalibrationConfig
+from diffquant.recipe import WEIGHT_METHODS, CalibrationConfig, GPTQConfig
 from diffquant.trajectory import Trajectory, default_budget
-
-GPTQ_EVERY = 5  # Hessians from every 5th calibration step, counted back from the last (cleanest) one
-GPTQ_FROM = "last"  # CalibrationConfig.uniform_from of the Hessian steps
-GPTQ_MAX_SAMPLES = 64  # calibration trajectories used for the Hessians
-GPTQ_ROWS_PER_CALL = 8192  # input rows (tokens / pixels) a layer adds to its Hessian per model call
 
 
 class _Stop(Exception):
@@ -73,13 +68,14 @@ class HessianCollector:
 
     It counts while ``observing`` is on (:func:`diffquant.modes.observing`), so only the replayed
     calibration rows count.
-    Rows beyond ``GPTQ_ROWS_PER_CALL`` per call are subsampled (seeded), keeping the cost bounded.
+    Rows beyond ``rows_per_call`` per call are subsampled (seeded), keeping the cost bounded.
     With ``quantized_input`` the rows are the input after the layer's own input quantizer (what the
     quantized weight multiplies), else the float input.
     """
 
-    def __init__(self, module: nn.Module, seed: int = 0, quantized_input: bool = False):
+    def __init__(self, module: nn.Module, seed: int = 0, quantized_input: bool = False, rows_per_call: int = 8192):
         self.module = module
+        self.rows_per_call = rows_per_call
         self.quantized_input = quantized_input
         self.observing = False
         self.hessian: torch.Tensor | None = None
@@ -102,8 +98,8 @@ class HessianCollector:
         if not self.observing:
             return
         rows = self._rows(args[0].detach().float())
-        if rows.shape[0] > GPTQ_ROWS_PER_CALL:
-            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[:GPTQ_ROWS_PER_CALL].to(rows.device)]
+        if rows.shape[0] > self.rows_per_call:
+            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.rows_per_call].to(rows.device)]
         h = rows.T @ rows
         self.hessian = h if self.hessian is None else self.hessian + h
         self.rows += rows.shape[0]
@@ -202,12 +198,13 @@ def hessian_bytes(m: nn.Module) -> int:
     return 4 * k * k
 
 
-def gptq_calibration(config: CalibrationConfig) -> CalibrationConfig:
-    """The trajectory rows GPTQ's Hessians come from: the last step and every ``GPTQ_EVERY``-th before it,
-    of the first ``GPTQ_MAX_SAMPLES`` calibration trajectories."""
+def gptq_calibration(config: CalibrationConfig, gptq: GPTQConfig | None = None) -> CalibrationConfig:
+    """The trajectory rows GPTQ's Hessians come from: the last step and every ``gptq.every``-th before it,
+    of the first ``gptq.max_samples`` calibration trajectories."""
+    gptq = gptq or GPTQConfig()
     return dataclasses.replace(
-        config, selection="uniform", every=GPTQ_EVERY, uniform_from=GPTQ_FROM,
-        n_samples=min(config.n_samples, GPTQ_MAX_SAMPLES),
+        config, selection="uniform", every=gptq.every, uniform_from=gptq.uniform_from,
+        n_samples=min(config.n_samples, gptq.max_samples),
     )  # fmt: skip
 
 
@@ -219,12 +216,14 @@ def applies(recipe) -> bool:
 
 
 def selections(recipe) -> list[CalibrationConfig]:
-    return [gptq_calibration(recipe.calibration)] if recipe.weight_method.startswith("gptq") else []
+    return [gptq_calibration(recipe.calibration, recipe.gptq)] if recipe.weight_method.startswith("gptq") else []
 
 
 def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True) -> dict:
     """The weight-rounding step of :func:`diffquant.quantize`: ``{"error_ratios": {layer: ratio}, ...}``."""
-    return round_weights(model, recipe.weight_method, trajectory, recipe.calibration, progress=progress)
+    return round_weights(
+        model, recipe.weight_method, trajectory, recipe.calibration, gptq=recipe.gptq, progress=progress
+    )
 
 
 class _Rounded:
@@ -254,7 +253,7 @@ def round_weights(
     trajectory: Trajectory | None = None,
     config: CalibrationConfig | None = None,
     *,
-    hessian_budget: int | None = None,
+    gptq: GPTQConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Choose the integer weights of a prepared model by ``method`` (``rtn``, ``mse``, ``gptq``, ``gptq-seq``).
@@ -262,7 +261,7 @@ def round_weights(
     ``mse`` and ``gptq`` set each layer's ``weight_scale_fixed`` (and, for ``gptq``, its weight to the
     rounded values), which :meth:`~diffquant.nn.modules.QuantModule.freeze` then stores as they are.
 
-    GPTQ collects the Hessians of as many layers at a time as fit ``hessian_budget`` bytes (default:
+    GPTQ collects the Hessians of as many layers at a time as fit ``gptq.hessian_bytes`` (default:
     :func:`~diffquant.trajectory.default_budget`), replaying the trajectory's GPTQ rows
     (:func:`gptq_calibration` of ``config``) once per group, each replay stopped after the group's
     last layer. Every group sees the FP model's inputs (the rounded weights are put in place only
@@ -285,16 +284,17 @@ def round_weights(
             "GPTQ weight rounding needs the model's FP trajectory: pass one (diffquant.recording), or round "
             "to nearest without data: recipe.replace(weight_method='rtn')"
         )
-    rows = trajectory.select(gptq_calibration(config or CalibrationConfig()))
+    gptq = gptq or GPTQConfig()
+    rows = trajectory.select(gptq_calibration(config or CalibrationConfig(), gptq))
     if not len(rows):
         raise ValueError(
             "GPTQ: the trajectory has no call at the steps GPTQ's Hessians use (the last step and every "
-            f"{GPTQ_EVERY}th before it); record the whole sampling run, or use weight_method='rtn'"
+            f"{gptq.every}th before it); record the whole sampling run, or use weight_method='rtn'"
         )
-    budget = default_budget() if hessian_budget is None else int(hessian_budget)
+    budget = default_budget() if gptq.hessian_bytes is None else int(gptq.hessian_bytes)
     seed = config.seed if config is not None else 0
     if method == "gptq-seq":
-        return _round_sequential(model, layers, rows, seed, progress)
+        return _round_sequential(model, layers, rows, seed, gptq, progress)
     order, once = _forward_order(model, rows, layers)
     groups: list[list[tuple[str, nn.Module]]] = [[]]
     size = 0
@@ -312,7 +312,7 @@ def round_weights(
     replays = 0
     bar = tqdm(total=len(order), desc="gptq", unit="layer", disable=not progress, leave=False)
     for group in groups:
-        collectors = {n: HessianCollector(m, seed=seed) for n, m in group}
+        collectors = {n: HessianCollector(m, seed=seed, rows_per_call=gptq.rows_per_call) for n, m in group}
         stop = group[-1][1].register_forward_hook(_stop_after) if once else None
         try:
             with full_precision(model), observing(collectors.values()):
@@ -326,7 +326,7 @@ def round_weights(
             if stop is not None:
                 stop.remove()
         for name, m in group:
-            result = _round_layer(m, collectors.pop(name), budget)
+            result = _round_layer(m, collectors.pop(name), budget, gptq.damp)
             if result is not None:
                 rounded[name], ratios[name] = result
             bar.update(1)
@@ -359,7 +359,7 @@ def _forward_order(model: nn.Module, rows: Trajectory, layers) -> tuple[list, bo
     return order, all(v == 1 for v in seen.values()) and len(seen) == len(layers)
 
 
-def _round_layer(m: nn.Module, c: HessianCollector, budget: int) -> tuple[_Rounded, float] | None:
+def _round_layer(m: nn.Module, c: HessianCollector, budget: int, damp: float) -> tuple[_Rounded, float] | None:
     """GPTQ-round ``m``'s weight from ``c``'s Hessian (released on the way): its compact result and its
     output-error ratio vs RTN (``None``: no calibration row reached the layer, which keeps round-to-nearest)."""
     if c.hessian is None:
@@ -369,7 +369,7 @@ def _round_layer(m: nn.Module, c: HessianCollector, budget: int) -> tuple[_Round
     k = h.shape[0]
     dtype = torch.float64 if 16 * k * k <= max(budget, FLOAT64_BYTES) else torch.float32
     w = m.effective_weight().detach().float()
-    qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size, dtype=dtype)
+    qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size, damp=damp, dtype=dtype)
     rtn = P.fake_quant_weight(w, m.weight_qtype, m.group_size)
     e_gptq, e_rtn = _output_error(w - qw, h), _output_error(w - rtn, h)
     del h
@@ -384,7 +384,7 @@ def _assign(m: nn.Module, r: _Rounded) -> None:
 
 
 @torch.no_grad()
-def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, progress: bool) -> dict:
+def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, gptq: GPTQConfig, progress: bool) -> dict:
     """``gptq-seq``: round the layers in forward order, each from its inputs in the partly quantized model."""
     from tqdm.auto import tqdm
 
@@ -393,7 +393,7 @@ def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, pro
     replays = 0
     with activations_only(model):  # activation quantizers on; weight quantization and the output gain off
         for name, m in tqdm(order, desc="gptq-seq", unit="layer", disable=not progress, leave=False):
-            c = HessianCollector(m, seed=seed, quantized_input=True)
+            c = HessianCollector(m, seed=seed, quantized_input=True, rows_per_call=gptq.rows_per_call)
             c.observing = True
             stop = m.register_forward_pre_hook(_stop)  # after the collector's hook
             try:
@@ -404,7 +404,7 @@ def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, pro
             finally:
                 c.remove()
                 stop.remove()
-            result = _round_layer(m, c, default_budget())
+            result = _round_layer(m, c, default_budget(), gptq.damp)
             if result is not None:
                 _assign(m, result[0])
                 ratios[name] = result[1]

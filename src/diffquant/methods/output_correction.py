@@ -32,15 +32,15 @@ from diffquant.nn.output_gain import ATTR, OutputCorrection, install, output_cor
 from diffquant.recipe import CalibrationConfig
 from diffquant.trajectory import Trajectory
 
-__all__ = ["ATTR", "FIT_MAX_SAMPLES", "OutputCorrection", "fit_output_correction", "install", "interp"]
+__all__ = ["ATTR", "OutputCorrection", "fit_calibration", "fit_output_correction", "install", "interp"]
 
-FIT_MAX_SAMPLES = 64  # trajectories used to fit the gains
 NAME = "output_correction"
 
 
-def fit_calibration(config: CalibrationConfig) -> CalibrationConfig:
-    """The trajectory rows the gains are fitted on: every step of the first ``FIT_MAX_SAMPLES`` trajectories."""
-    return dataclasses.replace(config, selection="all", n_samples=min(config.n_samples, FIT_MAX_SAMPLES))
+def fit_calibration(config: CalibrationConfig, samples: int = 64) -> CalibrationConfig:
+    """The trajectory rows the gains are fitted on: every step of the first ``samples`` trajectories
+    (``OutputFitConfig.correction_samples``)."""
+    return dataclasses.replace(config, selection="all", n_samples=min(config.n_samples, samples))
 
 
 def applies(recipe) -> bool:
@@ -48,17 +48,21 @@ def applies(recipe) -> bool:
 
 
 def selections(recipe) -> list[CalibrationConfig]:
-    return [fit_calibration(recipe.calibration)] if recipe.output_correction else []
+    return (
+        [fit_calibration(recipe.calibration, recipe.output_fit.correction_samples)] if recipe.output_correction else []
+    )
 
 
 def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True) -> dict:
     """The output-correction step of :func:`diffquant.quantize`: ``{"k": {timestep: k_t}}``."""
-    ks = fit_output_correction(model, trajectory, recipe.calibration)
+    ks = fit_output_correction(model, trajectory, recipe.calibration, recipe.output_fit.correction_samples)
     return {"k": {int(t): k for t, k in ks.items()}}
 
 
 @torch.no_grad()
-def fit_output_correction(model: nn.Module, trajectory: Trajectory, config: CalibrationConfig | None = None) -> dict:
+def fit_output_correction(
+    model: nn.Module, trajectory: Trajectory, config: CalibrationConfig | None = None, samples: int = 64
+) -> dict:
     """Fit the gain table of a prepared (not yet frozen) model on its recorded FP trajectory.
 
     Each selected call (:func:`fit_calibration` of ``config``) is replayed on the quantized model
@@ -72,7 +76,7 @@ def fit_output_correction(model: nn.Module, trajectory: Trajectory, config: Cali
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     with without_output_gain(model):
-        for call in trajectory.select(fit_calibration(config or CalibrationConfig())):
+        for call in trajectory.select(fit_calibration(config or CalibrationConfig(), samples)):
             if call.output is None:
                 continue
             eps_q = noise_prediction(call.replay(model), input_channels(call.args, call.kwargs, name))

@@ -117,9 +117,11 @@ def selections(recipe) -> list:
 
 def run(model: nn.Module, recipe, trajectory, progress: bool = True) -> dict:
     """The TDQ output-fit step of :func:`diffquant.quantize` (after weight rounding)."""
+    cfg = recipe.output_fit
     return fit_to_output(
-        model, trajectory.select(output_fit_calibration(recipe)), progress=progress, iters=recipe.tdq_fit_iters
-    )
+        model, trajectory.select(output_fit_calibration(recipe)), progress=progress, iters=recipe.tdq_fit_iters,
+        lr=cfg.tdq_lr, batch=cfg.tdq_batch, refit_iters=cfg.tdq_refit_iters, seed=cfg.seed,
+    )  # fmt: skip
 
 
 def fit_to_output(

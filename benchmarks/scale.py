@@ -1,0 +1,250 @@
+"""Quantizing at Stable Diffusion size: peak resident memory, wall time and FP passes per named recipe.
+
+    python benchmarks/scale.py                                   # every row below (hours on 2 cores)
+    python benchmarks/scale.py --rows sd15:w8a8 sdxl:w8a8-tdq    # some rows
+
+Rows (random weights, seed 0; built from diffusers configs, nothing downloaded):
+
+    sd15      ``UNet2DConditionModel`` with SD-1.5's configuration (860 M parameters, 3.4 GB FP32)
+    sdxl      ``UNet2DConditionModel`` with SDXL's configuration (2.6 B parameters, 10.3 GB FP32),
+              64x64 latents (not 128x128) to bound CPU time
+    sd15-pipe a ``StableDiffusionPipeline`` around the SD-1.5-shaped UNet (a 2-layer CLIP text encoder
+              of width 768, a one-block VAE), quantized with ``diffquant.quantize(pipe, recipe, prompts=...)``
+
+The UNets are calibrated the way a user with their own loop does it: ``diffquant.quantize(unet, recipe,
+my_sampler)``, where ``my_sampler`` runs ``--samples`` trajectories of a DDIM-``--steps`` loop with
+classifier-free guidance (text states as a pipeline gives them: ``[uncond, cond]`` stacked, 77 tokens;
+SDXL's pooled text embeddings and time ids too). The recipe's own step selections apply to that
+recording (uniform every 5th step, GPTQ's last step and every 5th before it, all steps for TDQ).
+
+Each row runs in its own process, so its peak resident memory (``VmHWM`` of ``/proc/self/status``)
+is that row's alone; it is compared with the model's FP32 weight bytes. ``fp_runs`` counts the
+sampling runs over the FP model (one recording for every method step), ``replays`` the recorded
+calls GPTQ replayed (once per Hessian group). Results: ``benchmarks/results/scale.{json,md}``;
+rows are appended as they finish and a rerun skips rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_ROWS = (
+    "sd15:w8a8", "sd15:w8a8-tdq", "sd15:w4a8", "sd15:w8a8-smoothquant", "sdxl:w8a8-tdq", "sd15-pipe:w8a8-tdq",
+)  # fmt: skip
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+
+
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ).eval()  # fmt: skip
+
+
+def sd15_pipeline(tmp: Path):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77)
+    torch.manual_seed(1)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(config).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(32,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=32, sample_size=64,
+    ).eval()  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=sd15_unet(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def my_sampler(n: int, steps: int, sdxl: bool):
+    """The user's own DDIM loop with classifier-free guidance (guidance 7.5), as a pipeline calls the UNet."""
+    from diffusers import DDIMScheduler
+
+    def run(unet):
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+        scheduler.set_timesteps(steps)
+        g = torch.Generator().manual_seed(0)
+        width = 2048 if sdxl else 768
+        text = torch.cat([torch.zeros(n, 77, width), torch.randn(n, 77, width, generator=g)])  # [uncond, cond]
+        extra = {}
+        if sdxl:
+            time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(2 * n, 1)
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2 * n, 1280, generator=g), "time_ids": time_ids}
+        latents = torch.randn(n, 4, 64, 64, generator=g)
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text, **extra).sample
+            uncond, cond = out.chunk(2)
+            latents = scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
+
+    return run
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def child(model: str, recipe_name: str, args) -> dict:
+    """One row, in this process."""
+    import diffquant
+    from diffquant.recipe import CalibrationConfig, get_recipe
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    recipe = get_recipe(recipe_name)
+    if model == "sd15-pipe":
+        import tempfile
+
+        pipe = sd15_pipeline(Path(tempfile.mkdtemp()))
+        unet = pipe.unet
+        fp32 = sum(p.numel() * 4 for p in unet.parameters())
+        build_s = time.perf_counter() - start
+        cal = CalibrationConfig(n_samples=args.samples, steps=args.steps, batch_size=1)
+        diffquant.quantize(
+            pipe, recipe, cal, prompts=["a red shoe", "a small bag"], progress=False,
+            pipeline_kwargs={"height": 64, "width": 64},
+        )  # fmt: skip
+    else:
+        unet = sd15_unet() if model == "sd15" else sdxl_unet()
+        fp32 = sum(p.numel() * 4 for p in unet.parameters())
+        build_s = time.perf_counter() - start
+        diffquant.quantize(unet, recipe, my_sampler(args.samples, args.steps, model == "sdxl"), progress=False)
+    report = unet.diffquant_report
+    gptq = report.get("gptq", {})
+    return {
+        "model": model, "recipe": recipe_name, "fp32_weight_bytes": fp32, "peak_rss_bytes": peak_rss(),
+        "peak_over_fp32": round(peak_rss() / fp32, 2), "quantize_s": round(time.perf_counter() - start - build_s, 1),
+        "fp_runs": 1, "calibration_calls": report.get("ranges", {}).get("calls"),
+        "gptq_groups": gptq.get("groups"), "gptq_replays": gptq.get("replays"),
+        "samples": args.samples, "steps": args.steps, "threads": args.threads,
+    }  # fmt: skip
+
+
+def write_markdown(record: dict, path: Path) -> None:
+    lines = [
+        "# Quantizing at Stable Diffusion size (peak resident memory per named recipe)",
+        "",
+        f"Command: `{record['command']}` — {record['date']}, torch {record['torch']}, {record['cpu']}.",
+        "",
+        "Random weights (seed 0). Each row in its own process; peak RSS is that process's `VmHWM` (model "
+        "construction included). The acceptance bound is 2.5x the FP32 weight bytes. `fp runs`: sampling "
+        "runs over the FP model (the recording every method step replays); `gptq groups`: Hessian groups "
+        "under the byte budget (a tenth of RAM), each one replay of GPTQ's recorded calls.",
+        "",
+        "| model | recipe | FP32 weights (GB) | peak RSS (GB) | peak / FP32 | quantize (s) | fp runs | gptq groups | gptq replays | trajectory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in record["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['recipe']} | | | | | | | | failed: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['fp32_weight_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+            f"{r['peak_over_fp32']:.2f} | {r['quantize_s']:.0f} | {r['fp_runs']} | {r.get('gptq_groups') or '-'} | "
+            f"{r.get('gptq_replays') or '-'} | {r['samples']} x DDIM-{r['steps']}, CFG |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def cpu_model() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
+        isa = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+        return f"{name} ({', '.join(isa)})"
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), metavar="MODEL:RECIPE")
+    ap.add_argument("--samples", type=int, default=1, help="calibration trajectories (each with guidance)")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps of the calibration loop")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per row")
+    ap.add_argument("--out", type=Path, default=RESULTS / "scale")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
+        return
+    path = args.out.with_suffix(".json")
+    record = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    record.update(
+        command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), torch=torch.__version__,
+        cpu=cpu_model(), memory_bytes=__import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES"),
+    )  # fmt: skip
+    done = {(r["model"], r["recipe"]) for r in record["rows"] if "error" not in r}
+    for row in args.rows:
+        model, recipe = row.split(":", 1)
+        if (model, recipe) in done:
+            continue
+        cmd = [sys.executable, __file__, "--child", model, recipe, "--samples", str(args.samples)]
+        cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if lines:
+                result = json.loads(lines[-1][len("RESULT ") :])
+            else:
+                tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                result = {"model": model, "recipe": recipe, "error": f"exit {proc.returncode}: {tail[:200]}"}
+        except subprocess.TimeoutExpired:
+            result = {"model": model, "recipe": recipe, "error": f"timed out after {args.timeout} s"}
+        record["rows"] = [r for r in record["rows"] if (r["model"], r["recipe"]) != (model, recipe)] + [result]
+        record["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+        write_markdown(record, args.out.with_suffix(".md"))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
