@@ -5,8 +5,9 @@
 For each row (W8A8 default, W4A8 default, W8A4 TDQ with the output fit, i.e. the named ``w8a8``,
 ``w4a8`` and ``w8a4-tdq`` recipes) and model, ``benchmarks/ptq_table.py`` runs once with the code of
 ``--rev`` (a git worktree of that revision, its own ``ptq_table.py``) and once with this checkout,
-interleaved (old, new, old, new...) so a loaded machine slows both alike. Both runs share the cached
-FP images of the protocol, so FD and PSNR compare like with like. Before the change each method
+interleaved (old, new, old, new...) so a loaded machine slows both alike. Each side samples the FP
+images of the protocol once (same seeds, same FP model: the same images), so FD and PSNR compare
+like with like. Before the change each method
 re-ran the FP sampler (calibration 128 trajectories, GPTQ 64, the output correction 64); after it one
 recording serves them all. Results: ``benchmarks/results/trajectory_before_after/{before,after}.json``
 and ``trajectory_before_after.md`` (FD, PSNR vs FP and calibration seconds side by side).

@@ -231,3 +231,20 @@ def test_fp8_recipe_with_gptq_weights_saves_and_loads_exactly(tmp_path):
     loaded = load_quantized(tmp_path / "q", tiny_model("dit"))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_gptq_in_the_hessians_own_storage_equals_the_copying_path_and_scores_from_the_factor():
+    """The float32 path of large layers: factorised in place (no k x k copy), errors from the factor."""
+    torch.manual_seed(5)
+    w = torch.randn(24, 96)
+    x = correlated_inputs(4096, 96, seed=5)
+    h = x.T @ x / x.shape[0]
+    h[:, 7] = h[7, :] = 0.0  # a dead input column
+    ref_q, ref_scale = gptq_quantize(w, h, INT4, 32, dtype=torch.float32)
+    own = h.clone()
+    q, scale, error = gptq_quantize(w, own, INT4, 32, dtype=torch.float32, overwrite=True)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    assert not torch.equal(own, h)  # its storage was used
+    for d in (w - q, w - P.fake_quant_weight(w, INT4, 32)):
+        exact = torch.trace(d.double() @ h.double() @ d.double().T).item()
+        assert error(d) == pytest.approx(exact, rel=1e-3)

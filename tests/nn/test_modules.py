@@ -145,3 +145,24 @@ def test_bad_quantizer_settings():
         ActQuantizer("ternary")
     with pytest.raises(ValueError, match="dynamic"):
         ActQuantizer(int8, "static", "token")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_in_chunks_of_heads_equals_attention_at_once(monkeypatch, masked):
+    """Large score matrices are computed a few (batch, head) pairs at a time; per-row and static
+    quantization make the chunks give the same result, observers see every row."""
+    import diffquant.nn.attention as A
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    mask = torch.randn(2, 1, 16, 16) if masked else None
+    mm = QuantAttentionMatmuls(
+        lambda r: ActQuantizer(int8, "dynamic", "token"), lambda: ActQuantizer(int8, "dynamic", "token")
+    )
+    whole = mm(q, k, v, 0.3, mask)
+    monkeypatch.setattr(A, "SCORE_CHUNK_ELEMENTS", 2 * 16 * 16)  # two heads at a time: 4 chunks
+    calls = []
+    mm.p_quantizer.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    chunked = mm(q, k, v, 0.3, mask)
+    assert calls == [(1, 2, 16, 16)] * 4
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

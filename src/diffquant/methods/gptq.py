@@ -117,12 +117,16 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    overwrite: bool = False,
+):
     """GPTQ-round ``weight`` (``(out, k)`` or a conv weight) given its input Hessian ``(k, k)``.
 
     ``dtype`` is the precision of the factorisation (float64; float32 for Hessians too large to hold
     twice in float64, as GPTQ's reference code does). At most two ``k x k`` matrices of that dtype
-    exist at once, beside the caller's ``hessian``.
+    exist at once beside the caller's ``hessian``; with ``overwrite`` (and ``hessian`` already of
+    ``dtype``) the factorisation runs in ``hessian``'s own storage, which it destroys, and returns a
+    third value, ``error(delta) -> tr(delta H delta^T)`` of the undamped ``H`` computed from the
+    factor (no ``k x k`` copy), so the caller can score roundings without keeping ``H``.
 
     Returns ``(dequantized weight, scale)``: the weight on its integer grid (same shape) and the
     ``(out, n_groups)`` scales, such that :func:`~diffquant.primitives.quantize_weight` with that
@@ -133,20 +137,29 @@ def gptq_quantize(
     out, k = w.shape
     g = k if group_size is None else group_size
     n_groups = math.ceil(k / g)
-    h = hessian.to(dtype, copy=True)
+    in_place = overwrite and hessian.dtype == dtype
+    h = hessian if in_place else hessian.to(dtype, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    lam = damp * float(torch.diagonal(h).mean())
+    h.diagonal().add_(lam)
     try:
-        chol = torch.linalg.cholesky(h)
-        del h
-        hinv = torch.cholesky_inverse(chol)
-        del chol
-        hinv = torch.linalg.cholesky(hinv, upper=True)
+        if in_place:  # H -> L (its storage) -> U = chol((L L^T)^-1, upper), at most two k x k alive
+            torch.linalg.cholesky(h, out=h)
+            hinv = torch.cholesky_inverse(h)
+            del h
+            torch.linalg.cholesky(hinv, upper=True, out=hinv)
+        else:
+            chol = torch.linalg.cholesky(h)
+            del h
+            hinv = torch.cholesky_inverse(chol)
+            del chol
+            hinv = torch.linalg.cholesky(hinv, upper=True)
     except torch.linalg.LinAlgError:  # not positive definite even after damping: fall back to RTN
         scale = P.search_weight_scale(weight, qtype, group_size)
-        return P.fake_quant_weight(weight.detach().float(), qtype, group_size, scale=scale), scale
+        q = P.fake_quant_weight(weight.detach().float(), qtype, group_size, scale=scale)
+        return (q, scale, None) if overwrite else (q, scale)
     scale = torch.zeros(out, n_groups, dtype=torch.float32, device=w.device)
     q = torch.zeros_like(w)
     block = max(g, block - block % g) if g < k else block  # a block holds whole groups
@@ -174,10 +187,19 @@ def gptq_quantize(
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q.float().reshape(shape), scale
+    if not overwrite:
+        return q.float().reshape(shape), scale
+
+    def error(delta: torch.Tensor) -> float:
+        # H' = H + lam I (dead columns: 1 + lam) = U^-1 U^-T, so tr(D H' D^T) = ||D U^-1||^2
+        d = delta.reshape(delta.shape[0], -1).to(dtype)
+        total = float(torch.linalg.solve_triangular(hinv, d, upper=True, left=False).pow(2).sum())
+        return total - lam * float(d.pow(2).sum()) - float(d[:, dead].pow(2).sum())
+
+    return q.float().reshape(shape), scale, error
 
 
-FLOAT64_BYTES = 1 << 30  # GPTQ factorises in float64 while two k x k float64 copies fit this (or the budget)
+FLOAT64_BYTES = 1 << 30  # GPTQ factorises in float64 while two k x k float64 copies fit this
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -326,7 +348,7 @@ def round_weights(
             if stop is not None:
                 stop.remove()
         for name, m in group:
-            result = _round_layer(m, collectors.pop(name), budget, gptq.damp)
+            result = _round_layer(m, collectors.pop(name), gptq.damp)
             if result is not None:
                 rounded[name], ratios[name] = result
             bar.update(1)
@@ -359,7 +381,7 @@ def _forward_order(model: nn.Module, rows: Trajectory, layers) -> tuple[list, bo
     return order, all(v == 1 for v in seen.values()) and len(seen) == len(layers)
 
 
-def _round_layer(m: nn.Module, c: HessianCollector, budget: int, damp: float) -> tuple[_Rounded, float] | None:
+def _round_layer(m: nn.Module, c: HessianCollector, damp: float) -> tuple[_Rounded, float] | None:
     """GPTQ-round ``m``'s weight from ``c``'s Hessian (released on the way): its compact result and its
     output-error ratio vs RTN (``None``: no calibration row reached the layer, which keeps round-to-nearest)."""
     if c.hessian is None:
@@ -367,12 +389,17 @@ def _round_layer(m: nn.Module, c: HessianCollector, budget: int, damp: float) ->
     h, c.hessian = c.hessian, None
     h /= max(c.rows, 1)
     k = h.shape[0]
-    dtype = torch.float64 if 16 * k * k <= max(budget, FLOAT64_BYTES) else torch.float32
+    dtype = torch.float64 if 16 * k * k <= FLOAT64_BYTES else torch.float32
     w = m.effective_weight().detach().float()
-    qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size, damp=damp, dtype=dtype)
     rtn = P.fake_quant_weight(w, m.weight_qtype, m.group_size)
-    e_gptq, e_rtn = _output_error(w - qw, h), _output_error(w - rtn, h)
-    del h
+    if dtype == torch.float64:
+        qw, scale = gptq_quantize(w, h, m.weight_qtype, m.group_size, damp=damp, dtype=dtype)
+        e_gptq, e_rtn = _output_error(w - qw, h), _output_error(w - rtn, h)
+    else:  # a large Hessian: factorised in its own storage, the errors from the factor
+        qw, scale, error = gptq_quantize(w, h, m.weight_qtype, m.group_size, damp=damp, dtype=dtype, overwrite=True)
+        del h
+        e_gptq, e_rtn = (error(w - qw), error(w - rtn)) if error is not None else (1.0, 1.0)
+        del error
     return _Rounded(qw, scale, m.weight_qtype, m.group_size), (e_gptq / e_rtn if e_rtn > 0 else 1.0)
 
 
@@ -404,7 +431,7 @@ def _round_sequential(model: nn.Module, layers, rows: Trajectory, seed: int, gpt
             finally:
                 c.remove()
                 stop.remove()
-            result = _round_layer(m, c, default_budget(), gptq.damp)
+            result = _round_layer(m, c, gptq.damp)
             if result is not None:
                 _assign(m, result[0])
                 ratios[name] = result[1]

@@ -13,6 +13,8 @@ from torch import nn
 
 from diffquant.nn.quantizer import ActQuantizer
 
+SCORE_CHUNK_ELEMENTS = 1 << 26  # attention scores computed at once (256 MB in float32)
+
 
 class QuantAttentionMatmuls(nn.Module):
     """Holds the quantizers of ``Q``, ``K``, ``P`` (softmax output) and ``V``; computes attention.
@@ -30,11 +32,36 @@ class QuantAttentionMatmuls(nn.Module):
         self.p_quantizer: ActQuantizer | None = make_softmax()
 
     def forward(self, q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``q, k, v``: ``(batch, heads, tokens, head_dim)``; returns ``(batch, heads, tokens, head_dim)``."""
-        scores = self.q_quantizer(q) @ self.k_quantizer(k).transpose(-1, -2) * scale
+        """``q, k, v``: ``(batch, heads, tokens, head_dim)``; returns ``(batch, heads, tokens, head_dim)``.
+
+        The ``tokens x tokens`` scores are computed for a few (batch, head) pairs at a time when the
+        whole would pass :data:`SCORE_CHUNK_ELEMENTS` (64x64 latents: 4096 x 4096 per head); every
+        operand's quantization is per element or per row, so chunks give the same result.
+        """
+        q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
+        b, h, n, m = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        per_pair = n * m
+        p = self.p_quantizer
+        whole_tensor_p = p is not None and p.mode == "dynamic" and p.granularity == "tensor"
+        if b * h * per_pair <= SCORE_CHUNK_ELEMENTS or whole_tensor_p:
+            return self._attend(q, k, v, scale, mask)
+        step = max(1, SCORE_CHUNK_ELEMENTS // per_pair)
+        pairs = [(i, j) for i in range(b) for j in range(0, h, step)]
+        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.result_type(q, v), device=q.device)
+        for i, j in pairs:
+            sl = (slice(i, i + 1), slice(j, j + step))
+            part_mask = None
+            if mask is not None:
+                part_mask = mask[tuple(slice(None) if mask.shape[d] == 1 else sl[d] for d in range(2))]
+            out[sl] = self._attend(q[sl], k[sl], v[sl], scale, part_mask)
+        return out
+
+    def _attend(self, q, k, v, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask) v`` with the softmax output quantized (operands already are)."""
+        scores = q @ k.transpose(-1, -2) * scale
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(-1)
         if self.p_quantizer is not None:
             probs = self.p_quantizer(probs)
-        return probs @ self.v_quantizer(v)
+        return probs @ v
