@@ -156,7 +156,7 @@ def quantize(
     trajectory = _record(model, recipe, calibration, progress)
     if trajectory is not None and num_timesteps is None and trajectory.num_timesteps:
         num_timesteps = trajectory.num_timesteps
-    report = {}
+    report = {} if trajectory is None else {"trajectory": trajectory.summary()}
     if recipe.weight_bits_budget is not None:
         from diffquant.methods.mixed import mixed_precision_recipe
 
@@ -237,5 +237,5 @@ def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bo
         )
     with full_precision(qmodel), recording(qmodel, max_bytes=max_bytes) as traj:
         yield traj
-    qmodel.diffquant_report = run_methods(qmodel, recipe, traj, progress)
+    qmodel.diffquant_report = {"trajectory": traj.summary(), **run_methods(qmodel, recipe, traj, progress)}
     freeze(qmodel)

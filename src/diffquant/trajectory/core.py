@@ -200,6 +200,7 @@ class Trajectory:
         self.timestep_scale = 1.0  # how the caller rescaled t before the denoiser saw it (Flux: 1 / 1000)
         self.memory_bytes = 0
         self.spilled_bytes = 0
+        self.recorded_samples: set[int] = set()  # every sample the recording saw, kept rows or not
         self.n_runs = 0  # sampling runs (batches of trajectories) recorded
 
     # ------------------------------------------------------------------ building
@@ -221,6 +222,7 @@ class Trajectory:
             view = _View(_Spilled.write(call, self._spill_path()))
             self.spilled_bytes += size
         self._views.append(view)
+        self.recorded_samples.update(call.samples)
         return view
 
     # ------------------------------------------------------------------ reading
@@ -263,7 +265,7 @@ class Trajectory:
         if config is None and not changes:
             return self._derived(list(self._views))
         config = dataclasses.replace(config or CalibrationConfig(), **changes)
-        order = self.samples[: config.n_samples]
+        order = sorted(self.recorded_samples or self.samples)[: config.n_samples]
         rank = {s: i for i, s in enumerate(order)}  # recorded sample -> 0..n-1, as the selection counts them
         T = self.num_timesteps or 1000
         rows = [set(r) for r in selected_rows(config, self.timesteps, len(order), T)]
@@ -280,6 +282,13 @@ class Trajectory:
             positions = keep if base is None else [base[p] for p in keep]
             views.append(_View(v.source, None if base is None and len(keep) == len(samples) else positions))
         return self._derived(views)
+
+    def summary(self) -> dict:
+        """What was recorded: calls, samples, steps, runs, bytes in memory and spilled (JSON-ready)."""
+        return {
+            "calls": len(self), "samples": len(self.samples), "steps": len(self.timesteps), "runs": self.n_runs,
+            "memory_bytes": self.memory_bytes, "spilled_bytes": self.spilled_bytes,
+        }  # fmt: skip
 
     def __repr__(self) -> str:
         return (

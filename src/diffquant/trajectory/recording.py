@@ -161,6 +161,7 @@ class Recorder:
         step, samples = self.locate(args, kwargs) if self.locate is not None else self._auto(args, kwargs)
         if len(samples) != call_batch(args, kwargs):
             raise ValueError(f"recording: {len(samples)} sample indices for a batch of {call_batch(args, kwargs)}")
+        self.trajectory.recorded_samples.update(samples)
         positions = list(range(len(samples)))
         if self.keep is not None:
             wanted = self.keep[step.index] if 0 <= step.index < len(self.keep) else set()
