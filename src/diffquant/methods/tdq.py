@@ -165,15 +165,16 @@ def fit_to_output(
     if not quants:
         return {}
     name = input_name(model)
-    train: dict[int, list] = {}  # time step -> [(call, channels)] of training rows
+    # time step -> [(call index, rows, channels)]: references, so a spilled trajectory stays on disk
+    train: dict[int, list] = {}
     held: dict[int, list] = {}
-    for call in trajectory:
+    for i, call in enumerate(trajectory):
         if call.output is None or call.output.shape[0] < 2:
             continue
         c = input_channels(call.args, call.kwargs, name)
         n = call.output.shape[0]
         for part, rows in ((train, range(0, n, 2)), (held, range(1, n, 2))):
-            part.setdefault(int(call.step.timestep), []).append((call.rows(list(rows)), c))
+            part.setdefault(int(call.step.timestep), []).append((i, list(rows), c))
     if not train:
         raise ValueError(
             "TDQ output fit: no recorded call has an FP noise prediction for two or more rows, so "
@@ -181,9 +182,10 @@ def fit_to_output(
         )
 
     def loss_of(entry, rows=None) -> torch.Tensor:
-        call, c = entry
+        i, positions, c = entry
         if rows is not None:
-            call = call.rows(rows.tolist())
+            positions = [positions[r] for r in rows.tolist()]
+        call = trajectory[i].rows(positions)
         out = noise_prediction(call.replay(model), c)
         return F.mse_loss(out.float(), call.output.float())
 
@@ -215,7 +217,7 @@ def fit_to_output(
                 with torch.enable_grad():
                     for _ in range(iters):
                         entry = train[t][int(torch.randint(len(train[t]), (1,), generator=rng))]
-                        n = entry[0].batch
+                        n = len(entry[1])
                         rows = torch.randperm(n, generator=rng)[:batch] if batch < n else None
                         loss = loss_of(entry, rows)
                         opt.zero_grad(set_to_none=True)

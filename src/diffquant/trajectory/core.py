@@ -233,6 +233,10 @@ class Trajectory:
         for v in self._views:
             yield v.load()
 
+    def __getitem__(self, i: int) -> DenoiserCall:
+        """Call ``i`` (read from disk if it was spilled; nothing is kept)."""
+        return self._views[i].load()
+
     @property
     def spilled(self) -> bool:
         return self.spilled_bytes > 0
