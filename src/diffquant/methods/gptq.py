@@ -122,11 +122,11 @@ def gptq_quantize(
     """GPTQ-round ``weight`` (``(out, k)`` or a conv weight) given its input Hessian ``(k, k)``.
 
     ``dtype`` is the precision of the factorisation (float64; float32 for Hessians too large to hold
-    twice in float64, as GPTQ's reference code does). At most two ``k x k`` matrices of that dtype
-    exist at once beside the caller's ``hessian``; with ``overwrite`` (and ``hessian`` already of
-    ``dtype``) the factorisation runs in ``hessian``'s own storage, which it destroys, and returns a
-    third value, ``error(delta) -> tr(delta H delta^T)`` of the undamped ``H`` computed from the
-    factor (no ``k x k`` copy), so the caller can score roundings without keeping ``H``.
+    in float64, as GPTQ's reference code does). The factorisation runs in place in one ``k x k``
+    matrix of that dtype: a copy of ``hessian``, or with ``overwrite`` (and ``hessian`` already of
+    ``dtype``) ``hessian``'s own storage, which it destroys; then a third value is returned,
+    ``error(delta) -> tr(delta H delta^T)`` of the undamped ``H`` computed from the factor (no
+    ``k x k`` copy), so the caller can score roundings without keeping ``H``.
 
     Returns ``(dequantized weight, scale)``: the weight on its integer grid (same shape) and the
     ``(out, n_groups)`` scales, such that :func:`~diffquant.primitives.quantize_weight` with that
@@ -144,18 +144,12 @@ def gptq_quantize(
     w[:, dead] = 0.0
     lam = damp * float(torch.diagonal(h).mean())
     h.diagonal().add_(lam)
-    try:
-        if in_place:  # H -> L (its storage) -> U = chol((L L^T)^-1, upper), at most two k x k alive
-            torch.linalg.cholesky(h, out=h)
-            hinv = torch.cholesky_inverse(h)
-            del h
-            torch.linalg.cholesky(hinv, upper=True, out=hinv)
-        else:
-            chol = torch.linalg.cholesky(h)
-            del h
-            hinv = torch.cholesky_inverse(chol)
-            del chol
-            hinv = torch.linalg.cholesky(hinv, upper=True)
+    try:  # H -> L -> (L L^T)^-1 -> U = its upper Cholesky factor, each in place: one k x k matrix
+        torch.linalg.cholesky(h, out=h)
+        torch.cholesky_inverse(h, out=h)
+        torch.linalg.cholesky(h, upper=True, out=h)
+        hinv = h
+        del h
     except torch.linalg.LinAlgError:  # not positive definite even after damping: fall back to RTN
         scale = P.search_weight_scale(weight, qtype, group_size)
         q = P.fake_quant_weight(weight.detach().float(), qtype, group_size, scale=scale)
@@ -199,7 +193,7 @@ def gptq_quantize(
     return q.float().reshape(shape), scale, error
 
 
-FLOAT64_BYTES = 1 << 30  # GPTQ factorises in float64 while two k x k float64 copies fit this
+FLOAT64_BYTES = 1 << 30  # GPTQ factorises in float64 while 16 k^2 bytes (a float64 copy, twice) fit this
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
