@@ -54,6 +54,8 @@ from diffquant.qtypes import QType
 from diffquant.recipe import WEIGHT_METHODS, CalibrationConfig, GPTQConfig
 from diffquant.trajectory import Trajectory, default_budget
 
+LARGE_HESSIAN_BYTES = 1 << 28  # past this a Hessian accumulates in place (addmm_), with no k x k temporary
+
 
 class _Stop(Exception):
     """Raised by a pre-hook to end a replayed forward pass at the layer being rounded."""
@@ -100,8 +102,12 @@ class HessianCollector:
         rows = self._rows(args[0].detach().float())
         if rows.shape[0] > self.rows_per_call:
             rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.rows_per_call].to(rows.device)]
-        h = rows.T @ rows
-        self.hessian = h if self.hessian is None else self.hessian + h
+        if self.hessian is None:
+            self.hessian = rows.T @ rows
+        elif self.hessian.numel() * 4 > LARGE_HESSIAN_BYTES:  # no k x k temporary beside the sum
+            self.hessian.addmm_(rows.T, rows)
+        else:
+            self.hessian += rows.T @ rows
         self.rows += rows.shape[0]
 
     def remove(self) -> None:
