@@ -248,3 +248,21 @@ def test_gptq_in_the_hessians_own_storage_equals_the_copying_path_and_scores_fro
     for d in (w - q, w - P.fake_quant_weight(w, INT4, 32)):
         exact = torch.trace(d.double() @ h.double() @ d.double().T).item()
         assert error(d) == pytest.approx(exact, rel=1e-3)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_hessian_sums_over_calls_in_place_or_not(monkeypatch, in_place):
+    """Large Hessians accumulate with ``addmm_`` (no k x k temporary); the sum is the same."""
+    import diffquant.methods.gptq as G
+
+    if in_place:
+        monkeypatch.setattr(G, "LARGE_HESSIAN_BYTES", 0)
+    lin = QuantLinear.from_float(torch.nn.Linear(6, 3), "int4", None, None)
+    c = HessianCollector(lin)
+    c.observing = True
+    xs = [torch.randn(5, 6) for _ in range(3)]
+    for x in xs:
+        lin(x)
+    exact = sum(x.double().T @ x.double() for x in xs)
+    torch.testing.assert_close(c.hessian.double(), exact, rtol=1e-5, atol=1e-5)
+    assert c.rows == 15
