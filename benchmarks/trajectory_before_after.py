@@ -53,8 +53,9 @@ def summarize(rev: str, n: int) -> None:
         f"# PTQ rows before ({rev}) and after one recorded trajectory (N = {n}, DDIM-50)",
         "",
         f"`python benchmarks/trajectory_before_after.py --rev {rev} --n {n}` on {cpu_model()}, "
-        "rows interleaved (old, new) in one run; both compare with the same cached FP images. "
-        "calib s: wall time of `quantize` (load excluded), on a shared 2-core machine.",
+        "rows interleaved (old, new) in one run; each side samples the same FP images (same seeds, same "
+        "model) and compares with them. calib s: wall time of loading the model and `quantize`, on a "
+        "shared 2-core machine (another benchmark ran beside it).",
         "",
         "| model | bits | method | FD before | FD after | PSNR before | PSNR after | calib s before | calib s after |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
