@@ -42,7 +42,8 @@ class QuantAttentionMatmuls(nn.Module):
         b, h, n, m = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         per_pair = n * m
         p = self.p_quantizer
-        whole_tensor_p = p is not None and p.mode == "dynamic" and p.granularity == "tensor"
+        # a per-tensor dynamic scale needs the whole tensor (backends' quantizers may have no mode: per step)
+        whole_tensor_p = getattr(p, "mode", None) == "dynamic" and getattr(p, "granularity", None) == "tensor"
         if b * h * per_pair <= SCORE_CHUNK_ELEMENTS or whole_tensor_p:
             return self._attend(q, k, v, scale, mask)
         step = max(1, SCORE_CHUNK_ELEMENTS // per_pair)
