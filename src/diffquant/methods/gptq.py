@@ -151,11 +151,12 @@ def gptq_quantize(
     lam = damp * float(torch.diagonal(h).mean())
     h.diagonal().add_(lam)
     try:  # H -> L -> (L L^T)^-1 -> U = its upper Cholesky factor, each in place: one k x k matrix
-        torch.linalg.cholesky(h, out=h)
-        torch.cholesky_inverse(h, out=h)
-        torch.linalg.cholesky(h, upper=True, out=h)
-        hinv = h
-        del h
+        a = h.mT  # H is symmetric: its column-major view, which LAPACK factorises without a k x k copy
+        torch.linalg.cholesky(a, out=a)
+        torch.cholesky_inverse(a, out=a)
+        torch.linalg.cholesky(a, upper=True, out=a)
+        hinv = a if in_place else a.contiguous()  # a copy (small layers) runs the loop on row-major slices
+        del h, a
     except torch.linalg.LinAlgError:  # not positive definite even after damping: fall back to RTN
         scale = P.search_weight_scale(weight, qtype, group_size)
         q = P.fake_quant_weight(weight.detach().float(), qtype, group_size, scale=scale)
