@@ -65,19 +65,15 @@ def sdxl_unet():
 
 def sd15_pipeline(tmp: Path):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77)
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests.integrations.tiny_pipelines import tiny_tokenizer  # a character-level CLIP tokenizer, offline
+
+    tokenizer = tiny_tokenizer(tmp, max_length=77)
     torch.manual_seed(1)
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=12,
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=12,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )  # fmt: skip
     text_encoder = CLIPTextModel(config).eval()

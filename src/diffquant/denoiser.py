@@ -89,14 +89,14 @@ def noise_prediction(output, channels: int | None) -> torch.Tensor | None:
     return eps
 
 
-def map_tensors(fn: Callable, value):
-    """``value`` with ``fn`` applied to every tensor in it (tuples, lists and dicts walked)."""
-    if isinstance(value, torch.Tensor):
+def map_tensors(fn: Callable, value, leaves: tuple[type, ...] = (torch.Tensor,)):
+    """``value`` with ``fn`` applied to every tensor (or other ``leaves``) in it (tuples, lists, dicts walked)."""
+    if isinstance(value, leaves):
         return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(fn, v) for v in value)
+        return type(value)(map_tensors(fn, v, leaves) for v in value)
     if isinstance(value, dict):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
+        return {k: map_tensors(fn, v, leaves) for k, v in value.items()}
     return value
 
 

@@ -10,7 +10,7 @@ import torch
 PROMPTS = ["a red shoe", "a small bag", "a striped shirt"]
 
 
-def tiny_tokenizer(directory: Path):
+def tiny_tokenizer(directory: Path, max_length: int = 16):
     """A character-level CLIP tokenizer written into ``directory`` (a vocabulary, no merges)."""
     from transformers import CLIPTokenizer
 
@@ -21,7 +21,7 @@ def tiny_tokenizer(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
 
 
 def _vae():

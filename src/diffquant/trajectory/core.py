@@ -69,17 +69,6 @@ class _Ref:
         self.key = key
 
 
-def _walk(fn: Callable, value):
-    """``value`` with ``fn`` applied to every tensor and :class:`_Ref` (tuples, lists, dicts walked)."""
-    if isinstance(value, (torch.Tensor, _Ref)):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_walk(fn, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _walk(fn, v) for k, v in value.items()}
-    return value
-
-
 @dataclasses.dataclass
 class DenoiserCall:
     """One recorded denoiser call.
@@ -144,7 +133,7 @@ class _Spilled:
             tensors[key] = t.detach().contiguous().clone()  # own storage: safetensors refuses shared ones
             return _Ref(key)
 
-        structure = _walk(ref, (call.args, call.kwargs, call.output))
+        structure = map_tensors(ref, (call.args, call.kwargs, call.output))
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
@@ -154,7 +143,7 @@ class _Spilled:
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as f:
-            args, kwargs, output = _walk(lambda r: f.get_tensor(r.key) if isinstance(r, _Ref) else r, self.structure)
+            args, kwargs, output = map_tensors(lambda r: f.get_tensor(r.key), self.structure, (_Ref,))
         return DenoiserCall(args, kwargs, self.step, self.samples, output)
 
 
