@@ -46,13 +46,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def flags() -> str:
+    """The ISA flags that decide CPU int8 speed (avx2, avx512_vnni, avx_vnni, amx_int8)."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return "flags unknown"
+    have = line.split(":", 1)[1].split()
+    return "flags " + ", ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
+
+
 def summarize(rev: str, n: int) -> None:
     before = json.loads((OUT / "before.json").read_text())["rows"]
     after = json.loads((OUT / "after.json").read_text())["rows"]
     lines = [
         f"# PTQ rows before ({rev}) and after one recorded trajectory (N = {n}, DDIM-50)",
         "",
-        f"`python benchmarks/trajectory_before_after.py --rev {rev} --n {n}` on {cpu_model()}, "
+        f"`python benchmarks/trajectory_before_after.py --rev {rev} --n {n}` on {cpu_model()} ({flags()}), "
         "rows interleaved (old, new) in one run; each side samples the same FP images (same seeds, same "
         "model) and compares with them. calib s: wall time of loading the model and `quantize`, on a "
         "shared 2-core machine (another benchmark ran beside it).",
