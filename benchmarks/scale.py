@@ -116,19 +116,119 @@ def my_sampler(n: int, steps: int, sdxl: bool):
     return run
 
 
-def peak_rss() -> int:
+def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return -1
 
 
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+class RssTrace:
+    """Samples this process's resident memory and its main thread's stack every ``interval`` seconds.
+
+    Each sample is charged to a phase: the method step running (the diffquant module under
+    ``run_methods``, or ``record`` / ``prepare`` ...) and the innermost diffquant function. ``phases()``
+    gives each phase's seconds and highest RSS; ``peak`` the stack at the highest sample, so a peak
+    is attributed to a line, not guessed.
+    """
+
+    def __init__(self, interval: float = 0.2, live: Path | None = None, every: float = 30.0):
+        import threading
+
+        self.interval, self.main = interval, threading.main_thread().ident
+        self.live, self.every, self.start = live, every, time.perf_counter()
+        self.table: dict[str, list] = {}  # phase -> [seconds, max rss]
+        self.peak, self.peak_stack, self.ticks = 0, [], 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        if self.live is not None:
+            self.write(_status("VmRSS"), [])
+
+    def _frames(self) -> list[str]:
+        import traceback
+
+        frame = sys._current_frames().get(self.main)
+        if frame is None:
+            return []
+        return [
+            f"{Path(f.filename).as_posix().split('src/diffquant/')[-1]}:{f.lineno} {f.name}"
+            for f in traceback.extract_stack(frame)
+            if "src/diffquant/" in Path(f.filename).as_posix()
+        ]
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.interval):
+            rss, frames = _status("VmRSS"), self._frames()
+            step = "outside quantize"
+            for i, f in enumerate(frames):
+                if f.endswith(" run_methods") and i + 1 < len(frames):
+                    step = frames[i + 1].split(":")[0]
+                    break
+                if f.endswith(" _record"):
+                    step = "record"
+            inner = frames[-1].split(" ")[-1] if frames else "-"
+            entry = self.table.setdefault(f"{step} / {inner}", [0.0, 0])
+            entry[0] += self.interval
+            entry[1] = max(entry[1], rss)
+            if rss > self.peak:
+                self.peak, self.peak_stack = rss, frames
+            self.ticks += 1
+            if self.live is not None and self.ticks % max(1, round(self.every / self.interval)) == 0:
+                self.write(rss, frames)
+
+    def write(self, rss: int, frames: list[str]) -> None:
+        """The trace so far, to ``live`` (a row stopped before it ends still leaves its trace)."""
+        self.live.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "elapsed_s": round(time.perf_counter() - self.start, 1), "rss_gb": round(rss / 1e9, 2),
+            "peak_rss_gb": round(self.peak / 1e9, 2), "now": frames[-4:], "peak_stack": self.peak_stack,
+            "phases": self.phases(),
+        }  # fmt: skip
+        tmp = self.live.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        tmp.replace(self.live)
+
+    def phases(self) -> dict:
+        top = sorted(self.table.items(), key=lambda kv: -kv[1][1])
+        return {k: {"s": round(v[0], 1), "max_rss_gb": round(v[1] / 1e9, 2)} for k, v in top}
+
+
 def child(model: str, recipe_name: str, args) -> dict:
-    """One row, in this process."""
+    """One row, in this process, traced (:class:`RssTrace`)."""
+    torch.set_num_threads(args.threads)
+    live = args.out.parent / "scale_traces" / f"{model}_{recipe_name}.json"
+    with RssTrace(live=live) as trace:
+        start = time.perf_counter()
+        unet, fp32, build_s = run_row(model, recipe_name, args)
+    report = unet.diffquant_report
+    gptq = report.get("gptq", {})
+    return {
+        "model": model, "recipe": recipe_name, "fp32_weight_bytes": fp32, "peak_rss_bytes": peak_rss(),
+        "peak_over_fp32": round(peak_rss() / fp32, 2), "quantize_s": round(time.perf_counter() - start - build_s, 1),
+        "fp_runs": 1, "calibration_calls": report.get("ranges", {}).get("calls"),
+        "gptq_groups": gptq.get("groups"), "gptq_replays": gptq.get("replays"),
+        "samples": args.samples, "steps": args.steps, "threads": args.threads,
+        "peak_stack": trace.peak_stack, "phases": trace.phases(),
+    }  # fmt: skip
+
+
+def run_row(model: str, recipe_name: str, args):
+    """Build the row's model and quantize it: ``(unet, its FP32 weight bytes, build seconds)``."""
     import diffquant
     from diffquant.recipe import CalibrationConfig, get_recipe
 
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     recipe = get_recipe(recipe_name)
     if model == "sd15-pipe":
@@ -148,15 +248,7 @@ def child(model: str, recipe_name: str, args) -> dict:
         fp32 = sum(p.numel() * 4 for p in unet.parameters())
         build_s = time.perf_counter() - start
         diffquant.quantize(unet, recipe, my_sampler(args.samples, args.steps, model == "sdxl"), progress=False)
-    report = unet.diffquant_report
-    gptq = report.get("gptq", {})
-    return {
-        "model": model, "recipe": recipe_name, "fp32_weight_bytes": fp32, "peak_rss_bytes": peak_rss(),
-        "peak_over_fp32": round(peak_rss() / fp32, 2), "quantize_s": round(time.perf_counter() - start - build_s, 1),
-        "fp_runs": 1, "calibration_calls": report.get("ranges", {}).get("calls"),
-        "gptq_groups": gptq.get("groups"), "gptq_replays": gptq.get("replays"),
-        "samples": args.samples, "steps": args.steps, "threads": args.threads,
-    }  # fmt: skip
+    return unet, fp32, build_s
 
 
 def write_markdown(record: dict, path: Path) -> None:
@@ -221,7 +313,7 @@ def main() -> None:
         if (model, recipe) in done:
             continue
         cmd = [sys.executable, __file__, "--child", model, recipe, "--samples", str(args.samples)]
-        cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--out", str(args.out)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

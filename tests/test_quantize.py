@@ -48,6 +48,20 @@ def test_prepared_model_in_float_mode_matches_the_original(kind):
         assert torch.allclose(model(x, t, y), ref, atol=1e-5)
 
 
+def test_prepare_takes_over_the_float_weights_without_a_copy():
+    model = tiny_model("unet")
+    before = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.Embedding)}
+    prepare(model, "w8a8")
+    after = {n: m.weight for n, m in model.named_modules() if isinstance(m, diffquant.nn.QuantModule)}
+    assert after and all(after[n] is before[n] for n in after)  # the same Parameter objects: no second copy
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    tied.forward = lambda x, t: tied[1](tied[0](x))  # a (x, t) denoiser for prepare's contract check
+    prepare(tied, get_recipe("w8a8").replace(exclude=()))
+    w0, w1 = tied[0].weight, tied[1].weight
+    assert w0 is not w1 and w0.data_ptr() != w1.data_ptr() and torch.equal(w0, w1)  # each rounds its own
+
+
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_quantize_save_load_bit_identical(kind, name, tmp_path):

@@ -252,3 +252,21 @@ def test_quantize_without_a_trajectory_says_how_to_record_one():
         quantize(PlainDenoiser(), "w8a8", lambda model: None, progress=False)
     q = quantize(PlainDenoiser(), "w8a8-dynamic", progress=False)  # data-free
     assert q.diffquant_report == {}
+
+
+def test_quantization_report_reads_per_step_and_survives_save_and_load(tmp_path):
+    q = quantize(PlainDenoiser().eval(), "w4a8", my_sampler, progress=False)
+    report = q.diffquant_report
+    assert isinstance(report, diffquant.QuantizationReport)
+    assert report.steps == ["ranges", "gptq", "output_correction"] and report["trajectory"]["calls"] == 10
+    lines = str(report).splitlines()
+    assert [line.split()[0] for line in lines] == ["trajectory", "ranges", "gptq", "output_correction"]
+    assert "per-step output gain on 10 steps" in lines[3]
+    n_layers = len(report["gptq"]["error_ratios"])
+    assert f"{n_layers} layers in {report['gptq']['groups']} Hessian group" in lines[2] and "median" in lines[2]
+    diffquant.save_quantized(q, tmp_path / "q")
+    loaded = diffquant.load_quantized(tmp_path / "q", lambda: PlainDenoiser())
+    assert isinstance(loaded.diffquant_report, diffquant.QuantizationReport)
+    assert loaded.diffquant_report == report.to_dict() and str(loaded.diffquant_report) == str(report)
+    with pytest.raises(TypeError, match="dict of step reports"):
+        diffquant.QuantizationReport.from_dict(["gptq"])

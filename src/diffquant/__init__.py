@@ -8,6 +8,7 @@ Example:
 """
 
 from diffquant.prepare import freeze, prepare
+from diffquant.quantization_report import QuantizationReport
 from diffquant.quantize import calibrating, quantize
 from diffquant.recipe import RECIPES, CalibrationConfig, Override, Recipe, get_recipe
 from diffquant.serialization import load_quantized, save_quantized
@@ -20,6 +21,7 @@ __all__ = [
     "CalibrationConfig",
     "DenoiserCall",
     "Override",
+    "QuantizationReport",
     "Recipe",
     "Trajectory",
     "calibrating",

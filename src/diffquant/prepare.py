@@ -32,6 +32,10 @@ def _num_timesteps(model: nn.Module) -> int:
 def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = None) -> nn.Module:
     """Swap modules for quantized ones as the recipe says (in place), without calibrating.
 
+    The quantized modules take over the float modules' own weight and bias parameters (no copy: a
+    model's weights are never held twice); a weight tied between two layers is given to the second
+    as a copy, since each layer rounds its weight its own way.
+
     Returns the same model, with ``model.diffquant_recipe`` set.
     """
     recipe = get_recipe(recipe)
@@ -55,6 +59,7 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
         return ActQuantizer(**kw)
 
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QMODULES and n]
+    taken: set[int] = set()
     for name, module in targets:
         kind = (
             "conv" if isinstance(module, nn.Conv2d) else "embedding" if isinstance(module, nn.Embedding) else "linear"
@@ -69,6 +74,9 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
             iq = act(f"{name}.input", settings["activations"], module)
             if split:
                 iq2 = act(f"{name}.input_skip", settings["activations"], module)
+        if id(module.weight) in taken:  # tied to a layer already swapped: this one rounds its own copy
+            module.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
+        taken.add(id(module.weight))
         qmod = QMODULES[type(module)].from_float(
             module, wq, settings["weight_group_size"], iq, input_split=split if iq2 is not None else 0,
             input_quantizer_2=iq2,

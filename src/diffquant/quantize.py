@@ -28,6 +28,7 @@ from diffquant.integrations.pipelines import PipelineRunner, denoiser_name, is_p
 from diffquant.methods import gptq, output_correction, smoothquant, tdq
 from diffquant.modes import act_quantizers, full_precision, quant_modules
 from diffquant.prepare import freeze, prepare
+from diffquant.quantization_report import QuantizationReport
 from diffquant.recipe import CalibrationConfig, Recipe, get_recipe
 from diffquant.trajectory import Trajectory, has_builtin_sampler, record_builtin, recording
 
@@ -137,7 +138,7 @@ def quantize(
 
     Returns:
         The model in eval mode, with quantized modules and integer weights; ``model.diffquant_report``
-        holds each method step's report.
+        (a :class:`~diffquant.quantization_report.QuantizationReport`) holds each method step's report.
     """
     if is_pipeline(model):
         return quantize_pipeline(
@@ -156,7 +157,7 @@ def quantize(
     trajectory = _record(model, recipe, calibration, progress)
     if trajectory is not None and num_timesteps is None and trajectory.num_timesteps:
         num_timesteps = trajectory.num_timesteps
-    report = {} if trajectory is None else {"trajectory": trajectory.summary()}
+    report = QuantizationReport() if trajectory is None else QuantizationReport(trajectory=trajectory.summary())
     if recipe.weight_bits_budget is not None:
         from diffquant.methods.mixed import mixed_precision_recipe
 
@@ -237,5 +238,7 @@ def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bo
         )
     with full_precision(qmodel), recording(qmodel, max_bytes=max_bytes) as traj:
         yield traj
-    qmodel.diffquant_report = {"trajectory": traj.summary(), **run_methods(qmodel, recipe, traj, progress)}
+    qmodel.diffquant_report = QuantizationReport(
+        trajectory=traj.summary(), **run_methods(qmodel, recipe, traj, progress)
+    )
     freeze(qmodel)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from diffquant.quantization_report import QuantizationReport
 from diffquant.recipe import Recipe
 
 FORMAT_VERSION = 1
@@ -68,7 +69,7 @@ def save_quantized(
         meta["weight_bytes"] = weight_bytes(model)
         report = getattr(model, "diffquant_report", None)
         if report is not None:  # what each method step did (SmoothQuant alphas, GPTQ error ratios, ...)
-            meta["report"] = json.loads(json.dumps(report, default=float))
+            meta["report"] = QuantizationReport.from_dict(report).to_dict()
         meta.update(extra)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
@@ -206,7 +207,7 @@ def load_quantized(
     if meta.get("num_timesteps") is not None:
         model.diffquant_num_timesteps = int(meta["num_timesteps"])
     if meta.get("report") is not None:
-        model.diffquant_report = meta["report"]
+        model.diffquant_report = QuantizationReport.from_dict(meta["report"])
     return model.eval()
 
 

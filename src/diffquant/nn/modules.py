@@ -172,9 +172,7 @@ class QuantLinear(QuantModule):
         cls, module: nn.Linear, weight_qtype: QType | str | None, group_size=None, input_quantizer=None, **kw
     ) -> QuantLinear:
         q = cls(module.in_features, module.out_features, module.bias is not None)
-        q.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
-        if module.bias is not None:
-            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        q.weight, q.bias = module.weight, module.bias  # the float module's own parameters: no copy
         q._init_quant(weight_qtype, group_size, input_quantizer, **kw)
         return q if module.weight.is_meta else q.to(module.weight.device)
 
@@ -197,12 +195,7 @@ class QuantConv2d(QuantModule):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
-        self.bias = (
-            nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
-            if conv.bias is not None
-            else None
-        )
+        self.weight, self.bias = conv.weight, conv.bias  # the float module's own parameters: no copy
         self._init_quant(None, None, None)
 
     @classmethod
@@ -235,8 +228,7 @@ class QuantEmbedding(QuantModule):
             raise ValueError("embeddings with max_norm or sparse gradients are not supported")
         self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
         self.padding_idx = emb.padding_idx
-        self.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
-        self.bias = None
+        self.weight, self.bias = emb.weight, None  # the float module's own parameter: no copy
         self._init_quant(None, None, None)
 
     @classmethod
