@@ -57,6 +57,29 @@ def test_guidance_changes_result_and_one_is_plain(tiny_denoiser):
     assert not torch.equal(plain, guided)
 
 
+class LabelShift(GaussianDenoiser):
+    """The exact Gaussian denoiser plus ``shift`` on the conditional branch only (label < num_classes)."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x, t, class_labels=None):
+        cond = (class_labels < self.num_classes).float().view(-1, 1, 1, 1)
+        return super().forward(x, t) + self.shift * cond
+
+
+def test_guidance_is_uncond_plus_w_times_the_difference():
+    # eps_u + w (eps_c - eps_u) with eps_c - eps_u = s is the plain model with shift w s: any other
+    # combination (a flipped sign, w on the wrong branch, the branches swapped) lands elsewhere
+    guided, _ = sample(LabelShift(0.02), n=3, steps=5, guidance_scale=3.0, progress=False)
+    same, _ = sample(LabelShift(0.06), n=3, steps=5, progress=False)
+    torch.testing.assert_close(guided, same, rtol=0, atol=1e-5)
+    for other in (-0.06, 0.02, -0.04):  # sign flipped, guidance ignored, branches swapped (eps_c + w (eps_u - eps_c))
+        wrong, _ = sample(LabelShift(other), n=3, steps=5, progress=False)
+        assert (guided - wrong).abs().mean() > 0.01
+
+
 def test_sampler_sets_step_context_in_order(tiny_denoiser):
     seen = []
     inner = tiny_denoiser.forward

@@ -23,6 +23,24 @@ def test_features_train_resume_export(fake_fashion_dir, tmp_path):
     assert net(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("kind", ["features", "dit"])
+def test_a_resumed_run_equals_one_straight_run(fake_fashion_dir, tmp_path, kind):
+    """Stopped after step 1 (``max_minutes=0``) and resumed: the same weights, EMA and optimizer state
+    as three steps in one go, so the data order, the RNG and the optimizer really are resumed."""
+    straight = torch.load(train(kind, tmp_path / "a", steps=3, data_dir=fake_fashion_dir, log=lambda s: None),
+                          weights_only=False)  # fmt: skip
+    first = train(kind, tmp_path / "b", steps=3, max_minutes=0, data_dir=fake_fashion_dir, log=lambda s: None)
+    assert checkpoint_progress(first, 3) == (1, 3)
+    resumed = torch.load(train(kind, tmp_path / "b", steps=3, data_dir=fake_fashion_dir, log=lambda s: None),
+                         weights_only=False)  # fmt: skip
+    for key in ("model", "ema") if kind == "dit" else ("model",):
+        assert straight[key].keys() == resumed[key].keys()
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
+    moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(straight["opt"]["state"].values(),
+                                                             resumed["opt"]["state"].values(), strict=True)]  # fmt: skip
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
 def test_diffusion_training_step_and_ema_export(fake_fashion_dir, tmp_path):
     ckpt = train("dit", tmp_path / "dit", steps=2, data_dir=fake_fashion_dir, log=lambda s: None)
     state = torch.load(ckpt, weights_only=False)

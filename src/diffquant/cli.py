@@ -79,6 +79,8 @@ def _model_or_quantized(name: str | None, weights: Path | None, quantized: Path 
 
 
 def _threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be a positive number of threads, got {threads}; leave it out for torch's default")
     if threads:
         import torch
 
@@ -263,7 +265,7 @@ def quantize_cmd(
 
     _threads(threads)
     if Path(recipe).suffix == ".json":
-        r = _run(lambda: Recipe.from_json(Path(recipe).read_text()))
+        r = _run(lambda: Recipe.from_json(Path(recipe).read_text(), source=recipe))
     else:
         r = _run(get_recipe, recipe)
     cal = {k: v for k, v in {"selection": selection, "n_samples": n_calib}.items() if v is not None}
@@ -311,6 +313,8 @@ def train(
 
     if kind not in training.KIND_TO_MODEL:
         _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
+    if threads is not None and threads < 1:
+        _threads(threads)  # the one message for a bad --threads
     out = out or Path("runs") / kind
     ckpt = _run(training.train, kind, out, steps, max_minutes, data_dir, threads, warm_start)
     done, total = training.checkpoint_progress(ckpt, steps)

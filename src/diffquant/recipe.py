@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -56,6 +58,53 @@ DEFAULT_WEIGHT_ONLY = (
 )
 
 
+class RecipeFieldError(TypeError, ValueError):
+    """A recipe or config field of the wrong type (a ``ValueError`` too, so callers that report bad
+    settings as one line report these alike)."""
+
+
+def _matches(value, tp) -> bool:
+    """Whether ``value`` is of the annotated type ``tp`` (int, float, str, bool, ``X | None``,
+    ``tuple[X, ...]``, a config class); an int is a float, a bool is not a number."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings"}.get(item, f"{getattr(item, '__name__', item)} objects")
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
+
+
+def _check_fields(obj, label: str) -> None:
+    """Type-check every field of a frozen config dataclass (lists become tuples), naming the field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(tp) is tuple and isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(obj, f.name, value)
+        if not _matches(value, tp):
+            raise RecipeFieldError(f"{label}{f.name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How calibration data are drawn from the full-precision model's own sampling trajectory.
@@ -90,6 +139,7 @@ class CalibrationConfig:
     batch_size: int = 64
 
     def __post_init__(self):
+        _check_fields(self, "calibration.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"calibration selection must be one of {SELECTIONS}, got {self.selection!r}")
         SamplerConfig(sampler=self.sampler, steps=self.steps, seed=self.seed)  # validates sampler and steps
@@ -127,6 +177,7 @@ class GPTQConfig:
     hessian_bytes: int | None = None
 
     def __post_init__(self):
+        _check_fields(self, "gptq.")
         if self.every < 1 or self.max_samples < 1 or self.rows_per_call < 1:
             raise ValueError("gptq every, max_samples and rows_per_call must be >= 1")
         if self.uniform_from not in ("first", "last"):
@@ -156,6 +207,7 @@ class OutputFitConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _check_fields(self, "output_fit.")
         if self.correction_samples < 1 or self.tdq_batch < 1 or self.tdq_refit_iters < 0:
             raise ValueError("output fit correction_samples and tdq_batch must be >= 1, tdq_refit_iters >= 0")
         if not self.tdq_lr > 0:
@@ -177,6 +229,7 @@ class Override:
     skip: bool = False
 
     def __post_init__(self):
+        _check_fields(self, "override ")
         for fmt in (self.weights, self.activations):
             if fmt is not None and fmt != "none":
                 get_qtype(fmt)
@@ -276,6 +329,7 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
+        _check_fields(self, "recipe field ")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is not supported (this diffquant reads {RECIPE_VERSION})")
         if self.weights != "none":
@@ -383,6 +437,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
+        if not isinstance(d, dict):
+            raise RecipeFieldError(f"a recipe is a JSON object of recipe fields, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -390,18 +446,41 @@ class Recipe:
             raise ValueError(f"unknown recipe fields {sorted(unknown)}")
         for key, cls_ in NESTED.items():  # recipes saved before a nested config existed take its defaults
             if key in d:
-                d[key] = cls_(**d[key])
+                d[key] = cls_(**_fields_of(d[key], key, cls_))
         if "overrides" in d:
-            d["overrides"] = tuple(Override(**o) for o in d["overrides"])
-        if "exclude" in d:
-            d["exclude"] = tuple(d["exclude"])
-        # recipes saved before ``weight_only`` existed kept those layers in float (in ``exclude``)
-        d["weight_only"] = tuple(d.get("weight_only", ()))
+            if not isinstance(d["overrides"], list | tuple):
+                raise RecipeFieldError(f"recipe field overrides must be a list of objects, got {d['overrides']!r}")
+            d["overrides"] = tuple(Override(**_fields_of(o, "overrides[]", Override)) for o in d["overrides"])
+        # recipes saved before ``weight_only`` existed kept those layers in float (in ``exclude``);
+        # lists become tuples in the field check
+        d.setdefault("weight_only", ())
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "recipe") -> Recipe:
+        """A recipe from JSON text; errors name ``source`` (e.g. the file it was read from)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{source} is not JSON ({e}); a recipe file is what `diffquant recipes --json` prints"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except RecipeFieldError as e:
+            raise RecipeFieldError(f"{source}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+def _fields_of(value, key: str, cls_) -> dict:
+    """A nested config's fields from JSON: an object whose keys are ``cls_``'s fields."""
+    if not isinstance(value, dict):
+        raise RecipeFieldError(f"recipe field {key} must be an object of {cls_.__name__} fields, got {value!r}")
+    unknown = set(value) - {f.name for f in dataclasses.fields(cls_)}
+    if unknown:
+        raise ValueError(f"unknown {key} fields {sorted(unknown)}")
+    return value
 
 
 NESTED = {"calibration": CalibrationConfig, "gptq": GPTQConfig, "output_fit": OutputFitConfig}
