@@ -1,6 +1,5 @@
 """Observers: exact streaming histograms, the three range rules, per-step statistics."""
 
-
 import pytest
 import torch
 
