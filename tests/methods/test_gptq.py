@@ -42,6 +42,36 @@ def test_gptq_lowers_output_error_and_its_weights_are_exactly_storable(group):
     assert codes.min() >= INT4.qmin and codes.max() <= INT4.qmax
 
 
+def plain_gptq(w: torch.Tensor, h: torch.Tensor, qtype, group, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ column by column with no lazy blocks: each column's error goes to every later column at
+    once, and a group's scale is searched on its columns as updated so far (float64)."""
+    w, h = w.double().clone(), h.double().clone()
+    k = w.shape[1]
+    g = k if group is None else group
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i in range(k):
+        if i % g == 0:
+            s = P.search_weight_scale(w[:, i : i + g].float(), qtype, None)[:, 0].double()
+        q[:, i] = torch.clamp(torch.round(w[:, i] / s), qtype.qmin, qtype.qmax) * s
+        e = (w[:, i] - q[:, i]) / u[i, i]
+        w[:, i:] -= e.unsqueeze(1) * u[i, i:].unsqueeze(0)
+    return q
+
+
+@pytest.mark.parametrize("group, k", [(None, 200), (8, 200), (16, 200), (32, 96), (48, 192), (24, 168)])
+def test_blocked_gptq_equals_gptq_column_by_column(group, k):
+    """The two levels of lazy-update blocks (and a group spanning inner blocks) change only the order
+    of float sums: the same integer codes as the plain loop."""
+    torch.manual_seed(1)
+    w = torch.randn(24, k)
+    x = correlated_inputs(4096, k, seed=2)
+    h = x.T @ x / x.shape[0]
+    q, _ = gptq_quantize(w, h, INT4, group, block=64)
+    torch.testing.assert_close(q, plain_gptq(w, h, INT4, group).float(), rtol=0, atol=1e-5)
+
+
 def test_searched_scales_never_have_more_rounding_error_than_absmax():
     torch.manual_seed(1)
     w = torch.randn(16, 128) * torch.rand(16, 1) + torch.randn(16, 128).pow(3) * 0.1  # heavy tails
