@@ -13,7 +13,7 @@ from torch import nn
 
 from diffquant.nn.quantizer import ActQuantizer
 
-SCORE_CHUNK_ELEMENTS = 1 << 26  # attention scores computed at once (256 MB in float32)
+SCORE_CHUNK_ELEMENTS = 1 << 24  # attention scores computed at once (64 MB in float32: one 4096 x 4096 head)
 
 
 class QuantAttentionMatmuls(nn.Module):
@@ -59,10 +59,12 @@ class QuantAttentionMatmuls(nn.Module):
 
     def _attend(self, q, k, v, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
         """``softmax(q k^T * scale + mask) v`` with the softmax output quantized (operands already are)."""
-        scores = q @ k.transpose(-1, -2) * scale
+        scores = q @ k.transpose(-1, -2)
+        scores.mul_(scale)  # in place: one tokens x tokens buffer before the softmax, not three
         if mask is not None:
-            scores = scores + mask
+            scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
         probs = scores.softmax(-1)
+        del scores
         if self.p_quantizer is not None:
             probs = self.p_quantizer(probs)
         return probs @ v
