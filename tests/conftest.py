@@ -8,8 +8,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from diffquant.models.builtin import build_model, load_config
+
+# property tests draw the same examples on every run and machine: a red CI is reproducible
+settings.register_profile("diffquant", derandomize=True, deadline=None)
+settings.load_profile("diffquant")
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 

@@ -303,6 +303,34 @@ def test_truncated_quantized_directory(tmp_path):
     assert_user_error(run("eval", "--quantized", str(out), "--n", "4"), "corrupt")
 
 
+def test_nan_in_a_weight_file_is_named_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights_path("fashion-dit")))
+    name = next(k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2)
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    result = run(
+        "sample", "--model", "fashion-dit", "--weights", str(bad), "--n", "2", "--out", str(tmp_path / "g.png")
+    )
+    assert_user_error(result, "NaN or infinite values in 1 tensors", name)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_inf_in_a_quantized_directory_is_named_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "q"
+    assert run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(out)).exit_code == 0
+    state = load_file(str(out / "model.safetensors"))
+    name = next(k for k in state if k.endswith(".weight_scale"))
+    state[name] = torch.full_like(state[name], float("inf"))
+    save_file(state, str(out / "model.safetensors"))
+    assert_user_error(run("eval", "--quantized", str(out), "--n", "4"), "NaN or infinite weights in 1 tensors", name)
+
+
 def test_report_writes_page_and_figures(tmp_path):
     q = tmp_path / "q"
     assert run("quantize", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--out", str(q)).exit_code == 0

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from diffquant.quantization_report import QuantizationReport
@@ -195,6 +196,16 @@ def load_quantized(
         raise QuantizedDirError(
             f"{path} does not match this model: {len(missing)} missing tensors {missing[:3]}, {len(unexpected)} "
             f"unexpected {unexpected[:3]}, {len(bad)} of another shape {bad[:3]}. Was it quantized from another model?"
+        )
+    broken = [
+        k for k, v in state.items()
+        if k.rsplit(".", 1)[-1] in ("weight", "bias", "weight_scale") and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]  # fmt: skip
+    if broken:
+        raise QuantizedDirError(
+            f"{path} holds NaN or infinite weights in {len(broken)} tensors ({', '.join(broken[:3])}); the "
+            "directory is damaged or was quantized from a diverged model: quantize again"
         )
     model.load_state_dict(state, assign=on_meta)
     if on_meta:

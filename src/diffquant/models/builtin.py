@@ -96,6 +96,12 @@ def load_weights_into(model: nn.Module, path: str | Path) -> nn.Module:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(bad_shape)} with "
             f"another shape {bad_shape[:3]}. Was it written for another model or config?"
         )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise WeightsError(
+            f"Weight file {path} holds NaN or infinite values in {len(broken)} tensors ({', '.join(broken[:3])}); "
+            "the file is damaged or the training that wrote it diverged. Use the shipped weights or retrain."
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model
 
