@@ -166,3 +166,10 @@ def test_attention_in_chunks_of_heads_equals_attention_at_once(monkeypatch, mask
     chunked = mm(q, k, v, 0.3, mask)
     assert calls == [(1, 2, 16, 16)] * 4
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    # and both are attention: in float (quantizers off) the same as PyTorch's with the additive mask
+    for quantizer in (mm.q_quantizer, mm.k_quantizer, mm.v_quantizer, mm.p_quantizer):
+        quantizer.enabled = False
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    for chunk in (2 * 16 * 16, 1 << 24):
+        monkeypatch.setattr(A, "SCORE_CHUNK_ELEMENTS", chunk)
+        torch.testing.assert_close(mm(q, k, v, 0.3, mask), reference, rtol=1e-5, atol=1e-6)
