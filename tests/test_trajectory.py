@@ -270,3 +270,13 @@ def test_quantization_report_reads_per_step_and_survives_save_and_load(tmp_path)
     assert loaded.diffquant_report == report.to_dict() and str(loaded.diffquant_report) == str(report)
     with pytest.raises(TypeError, match="dict of step reports"):
         diffquant.QuantizationReport.from_dict(["gptq"])
+
+
+def test_a_quantized_plain_module_runs_at_the_step_its_own_t_names():
+    q = quantize(PlainDenoiser().eval(), get_recipe("w8a8").replace(weight_method="rtn"), my_sampler, progress=False)
+    seen = []
+    q.mid.register_forward_pre_hook(lambda m, a: seen.append(current_step().timestep))
+    with torch.no_grad():
+        for t in (999, 500, 0):
+            q(torch.randn(2, 1, 8, 8), torch.full((2,), t), torch.tensor([1, 2]))
+    assert seen == [999, 500, 0] and current_step() is None

@@ -9,7 +9,7 @@ Example:
 
 from diffquant.prepare import freeze, prepare
 from diffquant.quantization_report import QuantizationReport
-from diffquant.quantize import calibrating, quantize
+from diffquant.quantize import calibrating, finetune, quantize
 from diffquant.recipe import RECIPES, CalibrationConfig, Override, Recipe, get_recipe
 from diffquant.serialization import load_quantized, save_quantized
 from diffquant.trajectory import DenoiserCall, Trajectory, recording
@@ -25,6 +25,7 @@ __all__ = [
     "Recipe",
     "Trajectory",
     "calibrating",
+    "finetune",
     "freeze",
     "get_recipe",
     "load_quantized",

@@ -3,7 +3,7 @@ recipe's method steps on the recording, freeze.
 
     resolve the recipe -> record the FP trajectory (or take the user's) -> [mixed precision]
     -> prepare (swap modules) -> SmoothQuant -> ranges / TDQ fit -> GPTQ -> TDQ output fit
-    -> output correction -> freeze integer weights
+    -> [fine-tuning] -> output correction -> freeze integer weights
 
 Each method step is a module with ``applies(recipe)``, ``selections(recipe)`` (the trajectory rows
 it replays, so one recording serves every step) and ``run(model, recipe, trajectory) -> report``.
@@ -25,6 +25,7 @@ from torch import nn
 from diffquant import calibrate as ranges
 from diffquant.denoiser import TIMESTEP_ARGS, UnsupportedModelError, timestep_argument
 from diffquant.integrations.pipelines import PipelineRunner, denoiser_name, is_pipeline
+from diffquant.methods import finetune as finetuning
 from diffquant.methods import gptq, output_correction, smoothquant, tdq
 from diffquant.modes import act_quantizers, full_precision, quant_modules
 from diffquant.prepare import freeze, prepare
@@ -38,6 +39,7 @@ __all__ = [
     "UnsupportedModelError",
     "act_quantizers",
     "calibrating",
+    "finetune",
     "freeze",
     "prepare",
     "quant_modules",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 # The method steps, in the order they run on a prepared model (each sees the previous ones' result).
-METHOD_STEPS = (smoothquant, ranges, gptq, tdq, output_correction)
+METHOD_STEPS = (smoothquant, ranges, gptq, tdq, finetuning, output_correction)
 
 
 def selections(recipe: Recipe) -> list[CalibrationConfig]:
@@ -242,3 +244,55 @@ def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bo
         trajectory=traj.summary(), **run_methods(qmodel, recipe, traj, progress)
     )
     freeze(qmodel)
+
+
+def finetune(
+    qmodel: nn.Module,
+    teacher,
+    config=None,
+    *,
+    checkpoint=None,
+    progress: bool = True,
+) -> nn.Module:
+    """Fine-tune a quantized model, distilled from its FP model on the FP model's own trajectory.
+
+    Args:
+        qmodel: a model from :func:`quantize` (or :func:`diffquant.load_quantized`); it is thawed
+            to its integer weights, trained (:mod:`diffquant.methods.finetune`) and frozen again.
+        teacher: the FP trajectory: a :class:`~diffquant.trajectory.Trajectory` recorded from the FP
+            model (``with diffquant.recording(fp) as traj: my_sampler(fp)``; every step of a few
+            samples), or the FP model itself when it has a built-in sampler (its trajectory is
+            sampled as the recipe's calibration says).
+        config: a :class:`~diffquant.recipe.FinetuneConfig` (or a dict of its fields); default: the
+            recipe's, else the defaults.
+        checkpoint: a directory for resumable checkpoints.
+        progress: progress bars.
+
+    Returns:
+        ``qmodel``, frozen, with the step's report under ``qmodel.diffquant_report["finetune"]``.
+    """
+    from diffquant.recipe import FinetuneConfig
+
+    recipe = getattr(qmodel, "diffquant_recipe", None)
+    if recipe is None:
+        raise ValueError("finetune() takes a quantized model: qmodel = diffquant.quantize(model, recipe)")
+    if isinstance(config, dict):
+        config = FinetuneConfig(**config)
+    config = config or recipe.finetune or FinetuneConfig()
+    selection = finetuning.finetune_calibration(recipe.calibration, config)
+    if isinstance(teacher, Trajectory):
+        trajectory = teacher.select(selection)
+    elif isinstance(teacher, nn.Module) and has_builtin_sampler(teacher):
+        if teacher is qmodel:
+            raise ValueError("finetune(qmodel, teacher): the teacher is the FP model, not the quantized one")
+        trajectory = record_builtin(teacher, selection, [selection], progress=progress)
+    else:
+        raise TypeError(
+            "finetune: pass the FP trajectory (with diffquant.recording(fp_model) as traj: my_sampler(fp_model)) "
+            "or a built-in FP model as the teacher"
+        )
+    report = finetuning.finetune(qmodel, trajectory, config, checkpoint=checkpoint, progress=progress)
+    freeze(qmodel)
+    qmodel.diffquant_recipe = recipe.replace(finetune=config)
+    qmodel.diffquant_report = QuantizationReport({**getattr(qmodel, "diffquant_report", {}), "finetune": report})
+    return qmodel

@@ -214,6 +214,58 @@ class OutputFitConfig:
             raise ValueError(f"output fit tdq_lr must be > 0, got {self.tdq_lr}")
 
 
+FINETUNE_TRAIN = ("lora", "scales", "weight_scales")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Quantization-aware fine-tuning, data-free (:mod:`diffquant.methods.finetune`).
+
+    The quantized model is distilled from the FP model on the FP model's own recorded trajectory:
+    MSE between the two noise predictions at the same ``x_t, t, cond``, rows drawn over every step.
+
+    Args:
+        iterations: optimizer steps.
+        samples: FP trajectories recorded for training (every step of each; half the rows of each
+            call train, the other half is held out to score the result).
+        batch: trajectory rows per step.
+        rank: LoRA rank on each quantized Conv2d / Linear (merged into the weight at the end).
+        lr: AdamW learning rate of the LoRA factors.
+        scale_lr: Adam learning rate of the activation step sizes (log-space: a relative change).
+        train: what is trained: ``lora`` (QALoRA: the adapters, added before the weight
+            fake-quant), ``scales`` (the activations' LSQ step sizes per quantizer and per step
+            bucket, or the TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
+            channel or group; not by default: on a toy denoiser with int2 weights its gradient
+            raised the loss even on a single full batch, while activation scales lowered it).
+        max_minutes: stop early after this much wall time (``None``: no limit).
+        checkpoint_every: save a resumable checkpoint every this many steps (0: none; needs a
+            ``checkpoint`` directory passed to :func:`~diffquant.methods.finetune.finetune`).
+        seed: seed of the row draws and the LoRA initialisation.
+    """
+
+    iterations: int = 2000
+    samples: int = 64
+    batch: int = 16
+    rank: int = 32
+    lr: float = 5e-4
+    scale_lr: float = 1e-3
+    train: tuple[str, ...] = ("lora", "scales")
+    max_minutes: float | None = None
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_fields(self, "finetune.")
+        if self.iterations < 0 or self.samples < 1 or self.batch < 1 or self.rank < 1 or self.checkpoint_every < 0:
+            raise ValueError("finetune samples, batch and rank must be >= 1, iterations and checkpoint_every >= 0")
+        if not (self.lr > 0 and self.scale_lr > 0):
+            raise ValueError(f"finetune lr and scale_lr must be > 0, got {self.lr}, {self.scale_lr}")
+        if not self.train or set(self.train) - set(FINETUNE_TRAIN):
+            raise ValueError(f"finetune train must name some of {FINETUNE_TRAIN}, got {self.train}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"finetune max_minutes must be > 0 or None, got {self.max_minutes}")
+
+
 @dataclass(frozen=True)
 class Override:
     """Per-module settings for modules whose qualified name matches ``pattern`` (fnmatch).
@@ -316,6 +368,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     output_fit: OutputFitConfig = field(default_factory=OutputFitConfig)
+    finetune: FinetuneConfig | None = None
     tdq_hidden: int = 64
     tdq_freqs: int = 8
     tdq_iters: int = 600
@@ -423,9 +476,10 @@ class Recipe:
 
     def replace(self, **changes) -> Recipe:
         """A copy with some fields changed (``calibration``, ``gptq``, ``output_fit`` may be dicts of their fields)."""
-        for key in NESTED:
+        for key, cls_ in NESTED.items():
             if isinstance(changes.get(key), dict):
-                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+                current = getattr(self, key)
+                changes[key] = cls_(**changes[key]) if current is None else dataclasses.replace(current, **changes[key])
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
@@ -445,7 +499,7 @@ class Recipe:
         if unknown:
             raise ValueError(f"unknown recipe fields {sorted(unknown)}")
         for key, cls_ in NESTED.items():  # recipes saved before a nested config existed take its defaults
-            if key in d:
+            if key in d and d[key] is not None:
                 d[key] = cls_(**_fields_of(d[key], key, cls_))
         if "overrides" in d:
             if not isinstance(d["overrides"], list | tuple):
@@ -483,7 +537,9 @@ def _fields_of(value, key: str, cls_) -> dict:
     return value
 
 
-NESTED = {"calibration": CalibrationConfig, "gptq": GPTQConfig, "output_fit": OutputFitConfig}
+NESTED = {
+    "calibration": CalibrationConfig, "gptq": GPTQConfig, "output_fit": OutputFitConfig, "finetune": FinetuneConfig,
+}  # fmt: skip
 
 
 def _named(name: str, **kw) -> Recipe:

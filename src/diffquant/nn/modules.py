@@ -55,6 +55,8 @@ class QuantModule(nn.Module):
         self._w_cache: torch.Tensor | None = None
         self.frozen = False
         self.smooth_stats = None  # a SmoothStats collector while SmoothQuant calibrates
+        self.lora = None  # a QALoRA adapter while fine-tuning (diffquant.nn.lora), merged before freezing
+        self.weight_scale_offset = None  # fine-tuning: log-multipliers of weight_scale_fixed, baked in after
         if "smooth" not in self._buffers:
             self.register_buffer("smooth", None)  # SmoothQuant factors once enabled (None: not saved)
         if "weight_scale_fixed" not in self._buffers:
@@ -84,16 +86,19 @@ class QuantModule(nn.Module):
             if self._w_cache is None:
                 self._w_cache = self._stored().dequantize()
             return self._w_cache
-        w = self.weight
-        if self.smooth is not None:
-            w = w * self.smooth.to(w.dtype)
+        w = self.effective_weight()
         if self.weight_qtype is None or not self.weight_quant_enabled:
             return w
-        return P.fake_quant_weight(w, self.weight_qtype, self.group_size, scale=self.weight_scale_fixed)
+        scale = self.weight_scale_fixed
+        if self.weight_scale_offset is not None:  # fine-tuning: learned log-multipliers of the scales
+            scale = scale * self.weight_scale_offset.exp()
+        return P.fake_quant_weight(w, self.weight_qtype, self.group_size, scale=scale)
 
     def effective_weight(self) -> torch.Tensor:
-        """The float weight that is quantized: ``weight``, times the SmoothQuant factors if any."""
-        return self.weight if self.smooth is None else self.weight * self.smooth.to(self.weight.dtype)
+        """The float weight that is quantized: ``weight`` (plus a LoRA update while fine-tuning), times
+        the SmoothQuant factors if any."""
+        w = self.weight if self.lora is None else self.weight + self.lora.delta(self.weight.shape)
+        return w if self.smooth is None else w * self.smooth.to(w.dtype)
 
     def _stored(self) -> P.QuantizedWeight:
         packed = self.qweight.dtype == torch.uint8
@@ -121,6 +126,24 @@ class QuantModule(nn.Module):
         self.register_buffer("weight_shape", torch.tensor(list(qw.shape)))
         self.register_buffer("weight_group", torch.tensor(qw.group_size))
         self.frozen = True
+        self._w_cache = None
+
+    @torch.no_grad()
+    def thaw(self) -> None:
+        """Undo :meth:`freeze`: the float weight again, holding the dequantized integers (with the
+        SmoothQuant factors divided out), and the stored scales kept as ``weight_scale_fixed``, so
+        fake-quant reproduces the integers exactly. Fine-tuning starts here from a quantized model."""
+        if not self.frozen:
+            return
+        w = self._stored().dequantize().reshape(torch.Size(self.weight_shape.tolist())).float()
+        scale = self.weight_scale.float().clone()
+        if self.smooth is not None:
+            w = w / self.smooth.to(w.dtype)
+        for key in ("qweight", "weight_scale", "weight_shape", "weight_group"):
+            delattr(self, key)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.weight_scale_fixed = scale
+        self.frozen = False
         self._w_cache = None
 
     def adopt_frozen(self, state_dict: dict, prefix: str = "") -> None:

@@ -77,6 +77,7 @@ class ActQuantizer(nn.Module):
         self.generator = None
         self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
         self.range_offset = None  # learnable mode: (2,) log-multipliers of the generator's extents
+        self.scale_offset = None  # fine-tuning (static, bucketed): log-multipliers of the scales, LSQ-trained
         if mode == "tdq":
             self.generator = TDQGenerator(num_timesteps, **(tdq or {}))
             self.bucket_of_t.copy_(torch.arange(num_timesteps))
@@ -97,6 +98,8 @@ class ActQuantizer(nn.Module):
     def scale_for(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` used at ``timestep`` (static and bucketed modes)."""
         b = self.bucket_of_t[timestep] if self.scale.numel() > 1 else 0
+        if self.scale_offset is not None:
+            return self.scale[b] * self.scale_offset[b].exp(), self.zero_point[b]
         return self.scale[b], self.zero_point[b]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

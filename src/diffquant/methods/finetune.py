@@ -1,0 +1,295 @@
+"""Quantization-aware fine-tuning, data-free: the quantized model distilled from the FP model on the
+FP model's own recorded trajectory (EfficientDM's recipe).
+
+    loss = || eps_q(x_t, t, c) - eps_fp(x_t, t, c) ||^2        (x_t, t, c, eps_fp: recorded FP calls)
+
+What trains (``FinetuneConfig.train``):
+
+- ``lora``: QALoRA (:mod:`diffquant.nn.lora`) on every quantized Conv2d / Linear, added to the
+  float weight before its fake-quant (straight-through rounding); merged into the weight at the end,
+  so the model is integer weights and scales again with no extra inference cost.
+- ``scales``: LSQ step sizes, as log-multipliers (a relative change, one learning rate for every
+  layer): each static / bucketed activation quantizer's scale per bucket (one bucket per step is
+  EfficientDM's TALSQ table), each TDQ quantizer's generator itself (the learnable mode TDQ was built
+  for; its per-step table is rewritten from it), and each layer's weight scales (per channel or
+  group: the learnable scales ternary and binary weights need).
+
+Every call of the recording holds rows of one step; half the rows of each call train, the other
+half is held out, and the held-out loss before and after is the report. Rows are drawn from every
+recorded step. The recording can be spilled to disk (:class:`~diffquant.trajectory.Trajectory`):
+a training step reads one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.denoiser import input_channels, input_name, noise_prediction
+from diffquant.modes import act_quantizers, quant_modules, without_output_gain
+from diffquant.nn import lora as L
+from diffquant.primitives import weight_scale
+from diffquant.recipe import CalibrationConfig, FinetuneConfig
+from diffquant.trajectory import Trajectory
+
+NAME = "finetune"
+HELD_OUT_CALLS = 64  # held-out calls scored before and after (spread over the steps)
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tuning cannot go on (a non-finite loss); the message names where and what was kept."""
+
+
+def finetune_calibration(config: CalibrationConfig, finetune: FinetuneConfig) -> CalibrationConfig:
+    """The trajectory rows fine-tuning trains on: every step of the first ``finetune.samples`` trajectories."""
+    return dataclasses.replace(config, selection="all", n_samples=finetune.samples)
+
+
+def applies(recipe) -> bool:
+    return recipe.finetune is not None
+
+
+def selections(recipe) -> list[CalibrationConfig]:
+    return [finetune_calibration(recipe.calibration, recipe.finetune)] if applies(recipe) else []
+
+
+def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True) -> dict:
+    """The fine-tuning step of :func:`diffquant.quantize` (after GPTQ and the TDQ fit)."""
+    rows = trajectory.select(finetune_calibration(recipe.calibration, recipe.finetune))
+    return finetune(model, rows, recipe.finetune, progress=progress)
+
+
+def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
+    """``(train, held)``: ``(call index, row positions, input channels, timestep)`` per recorded call,
+    even rows to train, odd rows held out (a one-row call only trains)."""
+    train, held = [], []
+    for i, call in enumerate(trajectory):
+        if call.output is None:
+            continue
+        c, n, t = input_channels(call.args, call.kwargs, name), call.output.shape[0], int(call.step.timestep)
+        train.append((i, list(range(0, n, 2)) if n > 1 else [0], c, t))
+        if n > 1:
+            held.append((i, list(range(1, n, 2)), c, t))
+    return train, held
+
+
+class _Trainables:
+    """What fine-tuning trains, set up on the model, and written back into it (:meth:`finish`)."""
+
+    def __init__(self, model: nn.Module, config: FinetuneConfig):
+        self.model, self.config = model, config
+        for m in quant_modules(model):
+            m.thaw()  # a frozen (saved, loaded, quantize()d) model trains from its integer weights
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapters = L.attach(model, config.rank, config.seed) if "lora" in config.train else []
+        self.act, self.tdq, self.weight = [], [], []
+        if "scales" in config.train:
+            for q in act_quantizers(model):
+                if q.mode == "dynamic" or not q.enabled:
+                    continue
+                if q.mode == "tdq" and q.generator is not None:
+                    q.learnable = True
+                    self.tdq.append(q)
+                elif q.mode in ("static", "bucketed"):
+                    q.scale_offset = nn.Parameter(torch.zeros_like(q.scale))
+                    self.act.append(q)
+        if "weight_scales" in config.train:
+            for m in quant_modules(model):
+                if m.weight_qtype is None or m.weight_qtype.kind == "float":
+                    continue
+                if m.weight_scale_fixed is None:
+                    m.weight_scale_fixed = weight_scale(m.effective_weight().detach(), m.weight_qtype, m.group_size)
+                m.weight_scale_offset = nn.Parameter(torch.zeros_like(m.weight_scale_fixed))
+                self.weight.append(m)
+
+    def groups(self) -> list[dict]:
+        lora = [p for a in self.adapters for p in a.parameters()]
+        gen = [p for q in self.tdq for p in q.generator.parameters()]
+        for p in gen:
+            p.requires_grad_(True)
+        scales = [q.scale_offset for q in self.act] + [m.weight_scale_offset for m in self.weight]
+        out = []
+        if lora:
+            out.append({"params": lora, "lr": self.config.lr, "weight_decay": 0.0})
+        if scales or gen:
+            out.append({"params": scales + gen, "lr": self.config.scale_lr, "weight_decay": 0.0})
+        return out
+
+    def state(self) -> dict:
+        """What a checkpoint holds of the model: adapters, scale offsets, TDQ generators."""
+        return {
+            "lora": [a.state_dict() for a in self.adapters],
+            "act": [q.scale_offset.detach().clone() for q in self.act],
+            "weight": [m.weight_scale_offset.detach().clone() for m in self.weight],
+            "tdq": [q.generator.state_dict() for q in self.tdq],
+        }
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:
+        for a, s in zip(self.adapters, state["lora"], strict=True):
+            a.load_state_dict(s)
+        for q, s in zip(self.act, state["act"], strict=True):
+            q.scale_offset.copy_(s)
+        for m, s in zip(self.weight, state["weight"], strict=True):
+            m.weight_scale_offset.copy_(s)
+        for q, s in zip(self.tdq, state["tdq"], strict=True):
+            q.generator.load_state_dict(s)
+
+    def broken(self) -> list[str]:
+        """Names of trained tensors holding NaN / inf (what a non-finite loss came from)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        named = [(names.get(id(p), "a scale offset"), p) for g in self.groups() for p in g["params"]]
+        return [n for n, p in named if not bool(torch.isfinite(p).all())]
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Merge the adapters, bake the scale offsets into the scales, rewrite TDQ tables; nothing trains."""
+        L.merge(self.model)
+        for q in self.act:
+            q.scale.mul_(q.scale_offset.exp())
+            q.scale_offset = None
+        for m in self.weight:
+            m.weight_scale_fixed = m.weight_scale_fixed * m.weight_scale_offset.exp()
+            m.weight_scale_offset = None
+        for q in self.tdq:
+            q.learnable = False
+            q.write_tdq_table()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+
+def finetune(
+    model: nn.Module,
+    trajectory: Trajectory,
+    config: FinetuneConfig | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune a quantized model on the FP trajectory ``trajectory`` (its recorded FP outputs are the
+    teacher); in place, leaving it ready to :func:`~diffquant.prepare.freeze` (not frozen).
+
+    Args:
+        model: a quantized model (prepared and calibrated, or frozen: it is thawed to its integers).
+        trajectory: the FP model's recorded calls with their outputs (every step of a few samples:
+            :func:`finetune_calibration`).
+        config: the :class:`~diffquant.recipe.FinetuneConfig` (default: its defaults).
+        checkpoint: a directory for resumable checkpoints (every ``config.checkpoint_every`` steps,
+            and when stopped by ``max_minutes``); an existing checkpoint there is resumed.
+        progress: a progress bar with the running loss.
+
+    Returns:
+        ``{"iterations", "held_before", "held_after", "train_loss", "trained", "seconds", "stopped"}``:
+        held-out mean squared noise-prediction error before and after.
+
+    Raises:
+        FinetuneError: a non-finite loss (the step, the iteration, the tensors that broke); the
+            model keeps the last finite state.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or FinetuneConfig()
+    name = input_name(model)
+    train, held = _split(trajectory, name)
+    if not train:
+        raise ValueError("fine-tuning: the trajectory holds no call with a recorded FP output to distill from")
+    if len(held) > HELD_OUT_CALLS:  # spread over the steps
+        held = [held[round(i * (len(held) - 1) / (HELD_OUT_CALLS - 1))] for i in range(HELD_OUT_CALLS)]
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def loss_of(entry, rows: torch.Tensor | None = None) -> torch.Tensor:
+        i, positions, c, _ = entry
+        if rows is not None:
+            positions = [positions[r] for r in rows.tolist()]
+        call = trajectory[i].rows(positions)
+        out = noise_prediction(call.replay(model), c)
+        return F.mse_loss(out.float(), call.output.float())
+
+    def held_loss() -> float:
+        if not held:
+            return float("nan")
+        with torch.no_grad():
+            return sum(float(loss_of(e)) for e in held) / len(held)
+
+    start_time = time.perf_counter()
+    with without_output_gain(model):  # the output correction (if any) is fitted afterwards
+        trainables = _Trainables(model, config)
+        groups = trainables.groups()
+        trained = {
+            "lora_layers": len(trainables.adapters), "act_scales": len(trainables.act),
+            "tdq_generators": len(trainables.tdq), "weight_scales": len(trainables.weight),
+        }  # fmt: skip
+        held_before = held_loss()
+        opt = torch.optim.AdamW(groups) if groups else None
+        ckpt = Path(checkpoint) / "finetune.pt" if checkpoint is not None else None
+        step = 0
+        if ckpt is not None and ckpt.is_file():
+            saved = torch.load(ckpt, weights_only=False)
+            trainables.load(saved["model"])
+            if opt is not None:
+                opt.load_state_dict(saved["opt"])
+            gen.set_state(saved["generator"])
+            step = saved["step"]
+
+        def save() -> None:
+            if ckpt is None:
+                return
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            state = {"model": trainables.state(), "opt": opt.state_dict() if opt else None, "step": step}
+            state["generator"] = gen.get_state()
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt)
+
+        losses: list[float] = []
+        stopped = None
+        good = trainables.state()
+        bar = tqdm(total=config.iterations, initial=step, desc="finetune", unit="step", disable=not progress)
+        try:
+            with torch.enable_grad():
+                while step < config.iterations and opt is not None:
+                    entry = train[int(torch.randint(len(train), (1,), generator=gen))]
+                    n = len(entry[1])
+                    rows = torch.randperm(n, generator=gen)[: config.batch] if config.batch < n else None
+                    loss = loss_of(entry, rows)
+                    if not bool(torch.isfinite(loss)):
+                        broken = trainables.broken()
+                        trainables.load(good)
+                        raise FinetuneError(
+                            f"fine-tuning: the loss is {float(loss.detach())} at time step {entry[3]} (iteration {step + 1})"
+                            + (f"; non-finite values in {', '.join(broken[:3])}" if broken else "")
+                            + "; the model keeps the last finite state. Lower finetune.lr / scale_lr."
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    losses.append(float(loss.detach()))
+                    if step % 50 == 0:
+                        good = trainables.state()
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3g}")
+                    if config.checkpoint_every and step % config.checkpoint_every == 0:
+                        save()
+                    if config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes:
+                        stopped = f"max_minutes ({config.max_minutes}) at step {step}"
+                        save()
+                        break
+        finally:
+            bar.close()
+        trainables.finish()
+        held_after = held_loss()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "iterations": step, "held_before": held_before, "held_after": held_after,
+        "train_loss": sum(tail) / len(tail) if tail else float("nan"), "trained": trained,
+        "seconds": round(time.perf_counter() - start_time, 1), "stopped": stopped,
+        "rows": {"train_calls": len(train), "held_calls": len(held)},
+    }  # fmt: skip
