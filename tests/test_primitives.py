@@ -123,12 +123,45 @@ def test_int4_storage_is_half_a_byte_per_weight():
 def test_ternary_and_binary_codes():
     w = torch.tensor([[0.05, -1.0, 2.0, -0.01]])
     qw = P.quantize_weight(w, ternary)
-    codes = P.unpack_int4(qw.qdata)[0, :4].tolist()
+    assert qw.qdata.shape == (1, 1) and qw.pack_bits == 2  # four 2-bit codes in one byte
+    codes = P.unpack_bits(qw.qdata, 2)[0, :4].tolist()
     assert codes == [0, -1, 1, 0]  # threshold 0.7 * mean|w| = 0.538
     assert qw.scale.item() == pytest.approx(1.5)  # mean of the kept |w|
     qb = P.quantize_weight(w, binary)
-    assert P.unpack_int4(qb.qdata)[0, :4].tolist() == [1, -1, 1, -1]
+    assert qb.qdata.shape == (1, 1) and qb.pack_bits == 1  # eight 1-bit codes per byte
+    assert P.unpack_bits(qb.qdata, 1)[0, :4].tolist() == [1, -1, 1, -1]
     assert qb.scale.item() == pytest.approx(0.765, rel=1e-3)  # stored in float16
+
+
+@pytest.mark.parametrize("bits, lo, hi", [(1, -1, 1), (2, -2, 1), (4, -8, 7)])
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 64])
+def test_bit_packing_round_trips_and_takes_bits_per_code(bits, lo, hi, n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(lo, hi + 1, (5, n), generator=g, dtype=torch.int8)
+    if bits == 1:
+        q = torch.where(q == 0, torch.ones_like(q), q)  # binary codes are +-1
+    packed = P.pack_bits(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-n * bits // 8))
+    assert torch.equal(P.unpack_bits(packed, bits)[:, :n], q)
+    with pytest.raises(ValueError, match="needs"):
+        P.pack_bits(torch.full((1, 2), hi + 1, dtype=torch.int8), bits)
+
+
+@pytest.mark.parametrize("fmt, per_byte", [("int2", 4), ("ternary", 4), ("binary", 8), ("int4", 2)])
+def test_low_bit_layers_store_packed_codes_and_dequantize_exactly(fmt, per_byte):
+    from diffquant.nn import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(40, 6), fmt, None, None)
+    x = torch.randn(3, 40)
+    before = layer(x)
+    layer.freeze()
+    assert layer.qweight.shape == (6, -(-40 // per_byte))
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)
+    codes = layer.integer_weight()
+    assert (
+        codes.shape == (6, 40) and int(codes.min()) >= get_qtype(fmt).qmin and int(codes.max()) <= get_qtype(fmt).qmax
+    )
 
 
 def test_weight_scales_are_stored_in_float16_when_in_range():
@@ -159,3 +192,19 @@ def test_qtype_lookup():
     assert int8.qmin == -127 and int8.qmax == 127 and int4.qmax == 7
     with pytest.raises(ValueError, match="Unknown quantized format"):
         get_qtype("int16")
+
+
+def test_ternary_weights_saved_two_codes_per_byte_still_load():
+    """Before 2-bit packing, ternary and int2 codes were stored as nibbles: the length tells them apart."""
+    from diffquant.nn import QuantLinear
+
+    torch.manual_seed(1)
+    layer = QuantLinear.from_float(torch.nn.Linear(40, 6), "ternary", None, None)
+    layer.freeze()
+    x = torch.randn(3, 40)
+    new = layer(x)
+    codes = layer.integer_weight()
+    layer.qweight = P.pack_int4(codes.reshape(6, -1))  # the old layout: 20 bytes per row
+    layer._w_cache = None
+    assert torch.equal(layer.integer_weight(), codes)
+    torch.testing.assert_close(layer(x), new, rtol=0, atol=0)

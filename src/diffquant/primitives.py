@@ -129,8 +129,9 @@ def dynamic_fake_quant(
 class QuantizedWeight:
     """An integer (or FP8 / ternary / binary) weight with its scales.
 
-    ``qdata`` has the original weight's shape for 8-bit formats, and is packed two values per byte
-    (shape ``(out, padded_k // 2)``) for 4-bit and lower integer formats. ``scale`` has shape
+    ``qdata`` has the original weight's shape for 8-bit formats, and is packed along the flattened
+    input for narrower ones: two values per byte for int3 / int4, four for int2 and ternary (2 bits),
+    eight for binary (1 bit) (:func:`pack_bits`, ``pack_bits`` of them per code). ``scale`` has shape
     ``(out, n_groups)``; a group covers ``group_size`` consecutive entries of the flattened
     ``(out, k)`` weight (``k`` zero-padded to a multiple of ``group_size``).
     """
@@ -141,12 +142,13 @@ class QuantizedWeight:
     qtype: QType
     group_size: int
     packed: bool = False
+    pack_bits: int = 4  # bits per code when ``packed``
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these integers stand for."""
         out, k = self.shape[0], self.shape[1:].numel()
         n_groups = self.scale.shape[1]
-        q = unpack_int4(self.qdata) if self.packed else self.qdata.reshape(out, -1)
+        q = unpack_bits(self.qdata, self.pack_bits) if self.packed else self.qdata.reshape(out, -1)
         q = q[:, : n_groups * self.group_size].to(torch.float32).reshape(out, n_groups, self.group_size)
         w = (q * self.scale.to(torch.float32).unsqueeze(-1)).reshape(out, -1)[:, :k]
         return w.reshape(self.shape).to(dtype)
@@ -263,7 +265,7 @@ def quantize_weight(
         qdata = codes.to(torch.float8_e4m3fn).reshape(w.shape[0], -1)
         packed = False
     elif qtype.bits <= 4:
-        qdata = pack_int4(codes.reshape(w.shape[0], -1).to(torch.int8))
+        qdata = pack_bits(codes.reshape(w.shape[0], -1).to(torch.int8), packing_bits(qtype))
         packed = True
     else:
         qdata = codes.reshape(w.shape[0], -1).to(torch.int8)
@@ -271,7 +273,51 @@ def quantize_weight(
     if not packed and qdata.shape[1] == w[0].numel():
         qdata = qdata.reshape(w.shape)
     exact_half = bool((scale.half().float() == scale).all())
-    return QuantizedWeight(qdata, scale.to(torch.float16 if exact_half else torch.float32), w.shape, qtype, g, packed)
+    scale = scale.to(torch.float16 if exact_half else torch.float32)
+    return QuantizedWeight(qdata, scale, w.shape, qtype, g, packed, packing_bits(qtype) if packed else 8)
+
+
+def packing_bits(qtype: QType) -> int:
+    """Bits per stored code of a packed format: 1 (binary), 2 (int2, ternary) or 4 (int3, int4)."""
+    if qtype.kind == "binary":
+        return 1
+    return 2 if qtype.bits <= 2 else 4
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack int8 codes ``bits`` (1, 2 or 4) at a time into bytes along the last dim, lowest first.
+
+    Codes are stored in two's complement of ``bits`` bits (4: ``[-8, 7]``, 2: ``[-2, 1]``); with 1
+    bit, ``+1`` is stored as 1 and ``-1`` as 0 (binary weights have no zero). The last dim is
+    zero-padded to whole bytes. Returns ``uint8`` of shape ``(..., ceil(n * bits / 8))``.
+    """
+    if bits == 4:
+        return pack_int4(q)
+    if bits not in (1, 2):
+        raise ValueError(f"pack_bits packs 1, 2 or 4 bits per code, got {bits}")
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_bits expects int8 codes, got {q.dtype}")
+    lo, hi = (-1, 1) if bits == 1 else (-2, 1)
+    if q.numel() and (q.min() < lo or q.max() > hi or (bits == 1 and bool((q == 0).any()))):
+        raise ValueError(f"pack_bits({bits}) needs codes in {'{-1, +1}' if bits == 1 else '[-2, 1]'}")
+    per = 8 // bits
+    if q.shape[-1] % per:
+        q = torch.nn.functional.pad(q, (0, per - q.shape[-1] % per), value=1 if bits == 1 else 0)
+    u = ((q > 0) if bits == 1 else (q.to(torch.int16) & 0x3)).to(torch.uint8)
+    out = torch.zeros(*u.shape[:-1], u.shape[-1] // per, dtype=torch.uint8, device=u.device)
+    for i in range(per):
+        out |= u[..., i::per] << (bits * i)
+    return out
+
+
+def unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` (returns the padded length): ``uint8`` -> ``int8`` codes."""
+    if bits == 4:
+        return unpack_int4(p)
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = torch.stack([((p >> (bits * i)) & mask).to(torch.int8) for i in range(per)], -1)
+    v = parts.reshape(*p.shape[:-1], -1)
+    return 2 * v - 1 if bits == 1 else torch.where(v > 1, v - 4, v)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

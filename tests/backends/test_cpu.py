@@ -26,6 +26,9 @@ RECIPES = {
     "dynamic-tensor": get_recipe("w8a7").replace(act_mode="dynamic", name="w8a7-dyn"),
     "w4a8-per-channel": get_recipe("w4a8").replace(weight_group_size=None, name="w4a8-pc"),
     "symmetric-a7": get_recipe("w8a7").replace(act_symmetric=True, name="w8a7-sym"),
+    # 2-bit and 1-bit packed codes, unpacked into int8 for the kernels
+    "ternary-a7": get_recipe("w8a7").replace(weights="ternary", weight_method="rtn", name="w2a7-ternary"),
+    "binary-a7": get_recipe("w8a7").replace(weights="binary", weight_method="rtn", name="w1a7-binary"),
 }
 
 

@@ -100,17 +100,28 @@ class QuantModule(nn.Module):
         w = self.weight if self.lora is None else self.weight + self.lora.delta(self.weight.shape)
         return w if self.smooth is None else w * self.smooth.to(w.dtype)
 
+    def _pack_bits(self) -> int:
+        """Bits per code of the packed ``qweight``: the format's own packing, or the one its length
+        says (ternary and int2 weights saved before 2-bit packing existed are two codes per byte)."""
+        padded = self.weight_scale.shape[1] * int(self.weight_group.item())
+        natural = P.packing_bits(self.weight_qtype)
+        for bits in (natural, 4, 2, 1):
+            if self.qweight.shape[-1] == -(-padded * bits // 8):
+                return bits
+        raise ValueError(f"qweight of {self.qweight.shape[-1]} bytes per row fits no packing of {padded} codes")
+
     def _stored(self) -> P.QuantizedWeight:
         packed = self.qweight.dtype == torch.uint8
         return P.QuantizedWeight(
             self.qweight, self.weight_scale, torch.Size(self.weight_shape.tolist()), self.weight_qtype,
-            int(self.weight_group.item()), packed,
+            int(self.weight_group.item()), packed, self._pack_bits() if packed else 8,
         )  # fmt: skip
 
     def integer_weight(self) -> torch.Tensor:
-        """The stored integer codes as int8 in the float weight's shape (int4 unpacked; frozen layers)."""
+        """The stored integer codes as int8 in the float weight's shape (unpacked; frozen layers)."""
         shape = self.weight_shape.tolist()
-        q = P.unpack_int4(self.qweight) if self.qweight.dtype == torch.uint8 else self.qweight.reshape(shape[0], -1)
+        packed = self.qweight.dtype == torch.uint8
+        q = P.unpack_bits(self.qweight, self._pack_bits()) if packed else self.qweight.reshape(shape[0], -1)
         return q[:, : math.prod(shape[1:])].to(torch.int8).reshape(shape).contiguous()
 
     @torch.no_grad()
