@@ -251,6 +251,14 @@ def run_row(model: str, recipe_name: str, args):
     return unet, fp32, build_s
 
 
+def where(stack: list[str] | None) -> str:
+    """The method step and the innermost diffquant function of the peak's stack (``RssTrace``)."""
+    if not stack:
+        return "-"
+    step = next((stack[i + 1].split(":")[0] for i, f in enumerate(stack[:-1]) if f.endswith(" run_methods")), "")
+    return f"{step} / `{stack[-1].split(' ')[-1]}`" if step else f"`{stack[-1].split(' ')[-1]}`"
+
+
 def write_markdown(record: dict, path: Path) -> None:
     lines = [
         "# Quantizing at Stable Diffusion size (peak resident memory per named recipe)",
@@ -262,8 +270,12 @@ def write_markdown(record: dict, path: Path) -> None:
         "runs over the FP model (the recording every method step replays); `gptq groups`: Hessian groups "
         "under the byte budget (a tenth of RAM), each one replay of GPTQ's recorded calls.",
         "",
-        "| model | recipe | FP32 weights (GB) | peak RSS (GB) | peak / FP32 | quantize (s) | fp runs | gptq groups | gptq replays | trajectory |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "Wall times are on a shared 2-core machine (tests and other benchmarks ran beside some rows); "
+        "`peak reached in`: the method step and function running when the peak was sampled (traces: "
+        "`scale_traces/`).",
+        "",
+        "| model | recipe | FP32 weights (GB) | peak RSS (GB) | peak / FP32 | quantize (s) | fp runs | gptq groups | gptq replays | trajectory | peak reached in |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in record["rows"]:
         if "error" in r:
@@ -272,7 +284,7 @@ def write_markdown(record: dict, path: Path) -> None:
         lines.append(
             f"| {r['model']} | {r['recipe']} | {r['fp32_weight_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
             f"{r['peak_over_fp32']:.2f} | {r['quantize_s']:.0f} | {r['fp_runs']} | {r.get('gptq_groups') or '-'} | "
-            f"{r.get('gptq_replays') or '-'} | {r['samples']} x DDIM-{r['steps']}, CFG |"
+            f"{r.get('gptq_replays') or '-'} | {r['samples']} x DDIM-{r['steps']}, CFG | {where(r.get('peak_stack'))} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -297,7 +309,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per row")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", action="store_true", help="only rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.markdown:
+        write_markdown(json.loads(args.out.with_suffix(".json").read_text()), args.out.with_suffix(".md"))
+        return
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
         return
