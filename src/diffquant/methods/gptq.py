@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
+from diffquant.memory import trim
 from diffquant.modes import activations_only, full_precision, observing
 from diffquant.nn.modules import QuantConv2d, QuantLinear
 from diffquant.qtypes import QType
@@ -363,6 +364,7 @@ def round_weights(
                 stop.remove()
         for name, m in group:
             result = _round_layer(m, collectors.pop(name), gptq.damp)
+            trim()  # the layer's Hessian and factorisation buffers are freed (diffquant.memory)
             if result is not None:
                 rounded[name], ratios[name] = result
             bar.update(1)

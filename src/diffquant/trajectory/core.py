@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.denoiser import batch_size, map_tensors, take_rows
+from diffquant.memory import trim
 from diffquant.recipe import CalibrationConfig
 from diffquant.timestep import StepInfo, denoising_step
 from diffquant.trajectory.selection import selected_rows
@@ -110,7 +111,10 @@ class DenoiserCall:
         """
         fn = forward or model.forward
         with denoising_step(self.step.index, self.step.timestep, self.step.num_steps):
-            return fn(*self.args, **self.kwargs)
+            try:
+                return fn(*self.args, **self.kwargs)
+            finally:
+                trim()  # the call's activations are freed: give their pages back (diffquant.memory)
 
     def nbytes(self) -> int:
         return _nbytes((self.args, self.kwargs, self.output))

@@ -28,6 +28,7 @@ from diffquant.denoiser import (
     timestep_argument,
     timestep_of,
 )  # fmt: skip
+from diffquant.memory import trim
 from diffquant.timestep import StepInfo, current_step
 from diffquant.trajectory.core import DenoiserCall, Trajectory, call_batch
 
@@ -192,6 +193,7 @@ class Recorder:
         view = self.trajectory.append(DenoiserCall(a, k, step, samples, eps))
         if step.num_steps < 0:
             self.run_views.append(view)
+        trim()  # the FP forward's activations are freed (diffquant.memory)
 
     def close(self) -> Trajectory:
         """Remove the hooks and finish the last run; returns the trajectory."""
