@@ -109,3 +109,23 @@ def test_a_non_finite_loss_is_caught_and_named(recorded):
         call.output[0] = float("nan")
     with pytest.raises(FinetuneError, match=r"the loss is nan at time step \d+ \(iteration 1\)"):
         finetune(q, broken, FAST, progress=False)
+
+
+def test_the_last_good_state_is_a_snapshot_not_a_view(recorded):
+    from diffquant.methods.finetune import Trainables
+
+    fp, trajectory = recorded
+    q = quantize(
+        copy.deepcopy(fp), INT2.replace(act_mode="tdq", calibration={"selection": "all"}), trajectory, progress=False
+    )
+    trainables = Trainables(q, FAST)
+    good = trainables.state()
+    with torch.no_grad():
+        for a in trainables.adapters:
+            a.up.add_(1.0)
+        for quantizer in trainables.tdq:
+            for p in quantizer.generator.parameters():
+                p.add_(1.0)
+    assert all(float(s["up"].abs().max()) == 0 for s in good["lora"])  # still the zero-initialised B
+    trainables.load(good)
+    assert all(float(a.up.abs().max()) == 0 for a in trainables.adapters)

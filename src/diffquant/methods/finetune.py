@@ -78,7 +78,7 @@ def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
     return train, held
 
 
-class _Trainables:
+class Trainables:
     """What fine-tuning trains, set up on the model, and written back into it (:meth:`finish`)."""
 
     def __init__(self, model: nn.Module, config: FinetuneConfig):
@@ -123,11 +123,15 @@ class _Trainables:
 
     def state(self) -> dict:
         """What a checkpoint holds of the model: adapters, scale offsets, TDQ generators."""
+
+        def copied(module: nn.Module) -> dict:  # a snapshot: state_dict() shares the live storage
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
         return {
-            "lora": [a.state_dict() for a in self.adapters],
+            "lora": [copied(a) for a in self.adapters],
             "act": [q.scale_offset.detach().clone() for q in self.act],
             "weight": [m.weight_scale_offset.detach().clone() for m in self.weight],
-            "tdq": [q.generator.state_dict() for q in self.tdq],
+            "tdq": [copied(q.generator) for q in self.tdq],
         }
 
     @torch.no_grad()
@@ -219,7 +223,7 @@ def finetune(
 
     start_time = time.perf_counter()
     with without_output_gain(model):  # the output correction (if any) is fitted afterwards
-        trainables = _Trainables(model, config)
+        trainables = Trainables(model, config)
         groups = trainables.groups()
         trained = {
             "lora_layers": len(trainables.adapters), "act_scales": len(trainables.act),
