@@ -263,8 +263,12 @@ def test_fp8_recipe_with_gptq_weights_saves_and_loads_exactly(tmp_path):
         assert torch.equal(loaded(x, t, y), model(x, t, y))
 
 
-def test_gptq_in_the_hessians_own_storage_equals_the_copying_path_and_scores_from_the_factor():
+@pytest.mark.parametrize("error_rows", [64, 5])  # one block of output rows, or five blocks (the last short)
+def test_gptq_in_the_hessians_own_storage_equals_the_copying_path_and_scores_from_the_factor(monkeypatch, error_rows):
     """The float32 path of large layers: factorised in place (no k x k copy), errors from the factor."""
+    import diffquant.methods.gptq as G
+
+    monkeypatch.setattr(G, "ERROR_ROWS", error_rows)
     torch.manual_seed(5)
     w = torch.randn(24, 96)
     x = correlated_inputs(4096, 96, seed=5)
