@@ -50,17 +50,19 @@ def sd15_unet():
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
 
 
-def sdxl_unet():
+def sdxl_unet(**changes):
+    """SDXL's UNet configuration (random weights, seed 0); ``changes`` shrink it (the GPU check's dry run)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    ).eval()  # fmt: skip
+    )  # fmt: skip
+    return UNet2DConditionModel(**{**config, **changes}).eval()
 
 
 def sd15_pipeline(tmp: Path):

@@ -3,8 +3,9 @@
     bash benchmarks/gpu/check.sh                     # on the GPU machine (wheels carried in .whl/)
     python benchmarks/gpu/check.py --dry-run         # here: a tiny UNet on the CPU, same code path
 
-Rows, each timed side by side in this process (median of ``--repeats`` forwards after warm-up, CUDA
-events): bf16 eager, bf16 ``torch.compile`` (the baseline the acceptance counts), W8A8-TDQ lowered to
+Rows, each timed side by side in this process (``diffquant.bench.time_ms``: median of ``--repeats``
+synchronised forwards after warm-up): bf16 eager, bf16 ``torch.compile`` (the baseline the
+acceptance counts), W8A8-TDQ lowered to
 int8 GEMMs (``torch._int_mm``, per-step scale tables) eager and compiled, FP8 E4M3 lowered to
 ``torch._scaled_mm`` eager and compiled. The quantized rows are calibrated on a short FP
 trajectory recorded on the GPU (``--samples`` x DDIM-``--steps`` with guidance; round-to-nearest
@@ -28,21 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def unet(dry_run: bool):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if dry_run:  # SDXL's block layout, shrunk
-        return UNet2DConditionModel(
-            sample_size=16, cross_attention_dim=32, block_out_channels=(16, 32, 32), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=56,
-            norm_num_groups=8,
-        ).eval()  # fmt: skip
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from scale import sdxl_unet
 
+    if dry_run:  # SDXL's block layout, shrunk
+        return sdxl_unet(
+            sample_size=16, cross_attention_dim=32, block_out_channels=(16, 32, 32), layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=56, norm_num_groups=8,
+        )  # fmt: skip
     return sdxl_unet()
 
 
@@ -81,33 +76,6 @@ def sampler(steps: int, n: int, device):
     return run
 
 
-def timed(fn, repeats: int, warmup: int, device) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
-
-
-def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    mse = float((ref - out).pow(2).mean())
-    peak = float(ref.abs().max())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="a tiny UNet on the CPU (what CI runs)")
@@ -123,6 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     import diffquant
     from diffquant.backends import cuda as gemm
+    from diffquant.bench import time_ms
+    from diffquant.eval.metrics import psnr
     from diffquant.recipe import CalibrationConfig, get_recipe
 
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
@@ -170,7 +140,11 @@ def main() -> None:
     def bench(model, dtype, compiled: bool) -> dict:
         fn = call(torch.compile(model) if compiled else model, dtype)
         out = fn().float()
-        return {"ms": round(timed(fn, repeats, warmup, device), 3), "psnr_vs_fp32": round(psnr(reference, out), 2)}
+        peak = float(reference.abs().max())  # the output's own range: a noise prediction, not an image
+        return {
+            "ms": round(time_ms(fn, repeats, warmup), 3),
+            "psnr_vs_fp32": round(psnr(reference, out, data_range=peak), 2),
+        }
 
     compile_rows = [False] if args.no_compile or args.dry_run else [False, True]
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
