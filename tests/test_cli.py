@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffquant.cli import EXIT_USER_ERROR, app
@@ -61,6 +62,34 @@ def test_quantize_json_reports_sizes(tmp_path):
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and info["recipe"] == "w8a8-dynamic" and (out / "model.safetensors").is_file()
     assert 0.2 < info["q_weight_ratio"] < 0.35  # int8 weights with scales, biases and norms: about a quarter
+
+
+def test_quantize_with_a_fine_tuning_recipe_checkpoints_and_resumes(tmp_path):
+    from diffquant.recipe import get_recipe
+
+    recipe = get_recipe("w4a4-ft").replace(
+        name="w4a4-ft-short",
+        calibration={"n_samples": 2, "batch_size": 2, "steps": 10},
+        finetune={"iterations": 6, "samples": 2},
+    )
+    path = tmp_path / "ft.json"
+    path.write_text(recipe.to_json())
+    ckpt, args = tmp_path / "ckpt", ("--model", "fashion-dit", "--recipe", str(path), "--json")
+    result = run("quantize", *args, "--out", str(tmp_path / "a"), "--checkpoint", str(ckpt))
+    assert result.exit_code == 0, result.output
+    saved = torch.load(ckpt / "finetune.pt", weights_only=False)
+    assert saved["step"] == 6  # written when training ends, so the same command resumes instead of redoing it
+    again = run("quantize", *args, "--out", str(tmp_path / "b"), "--checkpoint", str(ckpt))
+    assert again.exit_code == 0, again.output
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first, second = (json.loads((tmp_path / d / "meta.json").read_text())["report"]["finetune"] for d in "ab")
+    assert first["iterations"] == second["iterations"] == 6 and (first["resumed_at"], second["resumed_at"]) == (0, 6)
+
+
+def test_fine_tuning_options_need_a_fine_tuning_recipe(tmp_path):
+    assert_user_error(run("quantize", "--recipe", "w8a8", "--max-minutes", "5"), "--max-minutes", "*-ft", "'w8a8'")
+    assert_user_error(run("quantize", "--recipe", "w4a4-ft", "--max-minutes", "-1"), "max_minutes")
 
 
 def test_sample_writes_png(tmp_path):

@@ -1,5 +1,6 @@
 """End to end on tiny models: prepare, calibrate on the trajectory, freeze, save, load."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -10,9 +11,10 @@ from torch import nn
 import diffquant
 from diffquant import CalibrationConfig, get_recipe, load_quantized, quantize, save_quantized
 from diffquant.eval.metrics import sqnr
-from diffquant.modes import full_precision
+from diffquant.modes import act_quantizers, full_precision
 from diffquant.nn import ActQuantizer, CalibrationError, QuantConv2d
 from diffquant.quantize import UnsupportedModelError, prepare
+from diffquant.recipe import Recipe
 from diffquant.serialization import QuantizedDirError
 from diffquant.trajectory import selected_rows, step_buckets
 from tests.conftest import tiny_model
@@ -128,6 +130,15 @@ def test_selection_rules():
     counts = [len(r) for r in nd]
     assert sum(counts) == 1000 and counts[6] > counts[0]  # N(0.4 T, 0.4 T): mass near t = 400
     assert step_buckets(ts, 3) == [[999, 899, 799, 699], [599, 499, 399], [299, 199, 99]]
+    assert step_buckets(ts[:2], 4) == [[999], [899], [], []]  # more buckets than recorded steps
+
+
+def test_more_buckets_than_recorded_steps_calibrates_each_step():
+    recipe = Recipe(act_mode="bucketed", buckets=50, calibration=CalibrationConfig(selection="all"))
+    q = quantize(tiny_model("unet"), recipe, dataclasses.replace(CAL, selection="all"), progress=False)
+    quant = next(q for q in act_quantizers(q) if q.mode == "bucketed")
+    owners = quant.bucket_of_t.unique()
+    assert len(owners) == CAL.steps and int(owners.max()) == CAL.steps - 1  # the first buckets, one per step
 
 
 def test_model_without_timestep_argument():

@@ -204,8 +204,12 @@ def test_a_plain_module_and_its_own_loop_quantize_with_every_named_recipe(name):
         reference = my_sampler(fp)
     assert len(trajectory) == 10 and trajectory.timesteps[0] == 999 and trajectory.samples == list(range(8))
     assert all(c.step.num_steps == 10 and c.output is not None for c in trajectory)
-    q = quantize(copy.deepcopy(fp), name, trajectory, progress=False)
+    recipe = get_recipe(name)
+    if recipe.finetune is not None:  # the fine-tuning path, not its length (tests/methods/test_finetune.py)
+        recipe = recipe.replace(finetune={"iterations": 40})
+    q = quantize(copy.deepcopy(fp), recipe, trajectory, progress=False)
     assert all(m.frozen for m in quant_modules(q) if m.weight_qtype is not None)
+    assert (recipe.finetune is None) == ("finetune" not in q.diffquant_report)
     with torch.no_grad():
         out = my_sampler(q)
     assert torch.isfinite(out).all()

@@ -251,11 +251,23 @@ def quantize_cmd(
     observer: Annotated[str | None, typer.Option(help="minmax, percentile or mse.")] = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Fine-tuning recipes (*-ft): stop fine-tuning after this many minutes.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tuning recipes: a directory for resumable checkpoints; the same command resumes."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")] = False,
 ):
     """Quantize a built-in model with a recipe, calibrating on its own sampling trajectory.
 
     Example: diffquant quantize --model fashion-unet --recipe w8a8 --out unet-w8a8
+
+    Recipes ending in -ft fine-tune the quantized model after calibration, distilled from the FP
+    model on its own trajectory (minutes on a CPU):
+
+    Example: diffquant quantize --recipe w4a4-ft --max-minutes 20 --checkpoint ft-ckpt --out unet-w4a4-ft
     """
     import time
 
@@ -272,12 +284,16 @@ def quantize_cmd(
     changes = {"calibration": cal} if cal else {}
     if observer:
         changes["observer"] = observer
+    if (max_minutes is not None or checkpoint is not None) and r.finetune is None:
+        _fail(f"--max-minutes and --checkpoint apply to fine-tuning recipes (*-ft); {r.name!r} does not fine-tune.")
+    if max_minutes is not None:
+        changes["finetune"] = {"max_minutes": max_minutes}
     if changes:
         r = _run(r.replace, **changes)
     m = _denoiser(model, weights)
     start = time.perf_counter()
     fp_bytes = weight_bytes(m)
-    q = _run(quantize, m, r, progress=not as_json)
+    q = _run(quantize, m, r, progress=not as_json, checkpoint=checkpoint)
     seconds = round(time.perf_counter() - start, 1)
     _run(save_quantized, q, out, model, {"quantize_seconds": seconds})
     if as_json:

@@ -62,8 +62,11 @@ def selections(recipe: Recipe) -> list[CalibrationConfig]:
     return out
 
 
-def run_methods(model: nn.Module, recipe: Recipe, trajectory: Trajectory | None, progress: bool = True) -> dict:
-    """Run the recipe's method steps (:data:`METHOD_STEPS`) on a prepared model; returns their reports."""
+def run_methods(
+    model: nn.Module, recipe: Recipe, trajectory: Trajectory | None, progress: bool = True, checkpoint=None
+) -> dict:
+    """Run the recipe's method steps (:data:`METHOD_STEPS`) on a prepared model; returns their reports.
+    ``checkpoint``: a directory where fine-tuning keeps resumable checkpoints."""
     report = {}
     for step in METHOD_STEPS:
         if not step.applies(recipe):
@@ -73,7 +76,8 @@ def run_methods(model: nn.Module, recipe: Recipe, trajectory: Trajectory | None,
                 f"recipe {recipe.name!r} calibrates on the model's FP trajectory ({step.NAME}): pass one "
                 "(with diffquant.recording(model) as traj: my_sampler(model)), or use a data-free recipe"
             )
-        report[step.NAME] = step.run(model, recipe, trajectory, progress)
+        extra = {"checkpoint": checkpoint} if step is finetuning else {}  # the one step that trains for long
+        report[step.NAME] = step.run(model, recipe, trajectory, progress, **extra)
     return report
 
 
@@ -114,6 +118,7 @@ def quantize(
     prompts: list[str] | None = None,
     class_labels: list[int] | None = None,
     pipeline_kwargs: dict | None = None,
+    checkpoint=None,
 ):
     """Quantize a denoiser (or a diffusers pipeline's denoiser) in place and return it.
 
@@ -137,6 +142,10 @@ def quantize(
         progress: show a progress bar.
         prompts, class_labels, pipeline_kwargs: pipelines only: the conditioning of the
             calibration samples and more keywords for each pipeline call.
+        checkpoint: recipes that fine-tune (``*-ft``): a directory for resumable fine-tuning
+            checkpoints (every ``finetune.checkpoint_every`` steps and when ``max_minutes`` stops it);
+            the same call again resumes from it (everything before fine-tuning is seeded, so it
+            reproduces the same model first).
 
     Returns:
         The model in eval mode, with quantized modules and integer weights; ``model.diffquant_report``
@@ -145,7 +154,7 @@ def quantize(
     if is_pipeline(model):
         return quantize_pipeline(
             model, recipe, calibration, prompts=prompts, class_labels=class_labels,
-            pipeline_kwargs=pipeline_kwargs, progress=progress,
+            pipeline_kwargs=pipeline_kwargs, progress=progress, checkpoint=checkpoint,
         )  # fmt: skip
     if prompts is not None or class_labels is not None or pipeline_kwargs is not None:
         raise TypeError("prompts, class_labels and pipeline_kwargs apply to diffusers pipelines only")
@@ -166,7 +175,7 @@ def quantize(
         recipe, choices = mixed_precision_recipe(model, recipe, trajectory, progress=progress)
         report["mixed_precision"] = {"upgraded": [c.name for c in choices if c.upgraded]}
     prepare(model, recipe, num_timesteps)
-    report.update(run_methods(model, recipe, trajectory, progress))
+    report.update(run_methods(model, recipe, trajectory, progress, checkpoint))
     freeze(model)
     model.diffquant_report = report
     return model
@@ -181,6 +190,7 @@ def quantize_pipeline(
     class_labels=None,
     pipeline_kwargs: dict | None = None,
     progress: bool = True,
+    checkpoint=None,
 ):
     """Quantize ``pipe``'s denoiser in place, calibrated on the pipeline's own sampling; returns ``pipe``.
 
@@ -193,6 +203,7 @@ def quantize_pipeline(
         class_labels: labels for class-conditional pipelines (DiT).
         pipeline_kwargs: more keywords for each calibration call (``guidance_scale``, ``height``, ``width``).
         progress: show a progress bar.
+        checkpoint: fine-tuning checkpoints, as in :func:`quantize`.
     """
     recipe = get_recipe(recipe)
     if calibration is not None and not isinstance(calibration, CalibrationConfig):
@@ -213,13 +224,13 @@ def quantize_pipeline(
         trajectory = runner.record(recipe.calibration, needed, progress=progress)
         if trajectory.timestep_scale != 1.0:
             model.diffquant_timestep_scale = trajectory.timestep_scale
-    quantize(model, recipe, trajectory, num_timesteps=num_timesteps, progress=progress)
+    quantize(model, recipe, trajectory, num_timesteps=num_timesteps, progress=progress, checkpoint=checkpoint)
     model.diffquant_num_timesteps = num_timesteps
     return pipe
 
 
 @contextlib.contextmanager
-def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bool = True):
+def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bool = True, checkpoint=None):
     """Calibrate a prepared model from your own sampling loop, then freeze it.
 
     Inside the block the model runs in float (the trajectory is the FP model's) and its calls are
@@ -241,7 +252,7 @@ def calibrating(qmodel: nn.Module, *, max_bytes: int | None = None, progress: bo
     with full_precision(qmodel), recording(qmodel, max_bytes=max_bytes) as traj:
         yield traj
     qmodel.diffquant_report = QuantizationReport(
-        trajectory=traj.summary(), **run_methods(qmodel, recipe, traj, progress)
+        trajectory=traj.summary(), **run_methods(qmodel, recipe, traj, progress, checkpoint)
     )
     freeze(qmodel)
 

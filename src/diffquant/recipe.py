@@ -553,6 +553,18 @@ def _named(name: str, **kw) -> Recipe:
 
 
 INT4 = {"weights": "int4", "weight_group_size": 32}
+# Fine-tuned recipes (:mod:`diffquant.methods.finetune`): per-channel weights (what the CPU and CUDA
+# integer kernels take), activation scales learned per step (EfficientDM's TALSQ table: one bucket per
+# step of the calibration schedule) or TDQ's generator trained with them.
+PER_STEP = {"act_mode": "bucketed", "buckets": 50, "calibration": CalibrationConfig(selection="all")}
+# Below 4 bits (ternary, binary) the conditioning layers keep int8 weights, as binary-weight papers keep
+# their first and last layers and embeddings at 8 bits (first and last are float here: DEFAULT_EXCLUDE).
+CONDITIONING_INT8 = tuple(Override(p, weights="int8") for p in DEFAULT_WEIGHT_ONLY)
+
+
+def _fine_tuned(name: str, **kw) -> Recipe:
+    kw.setdefault("finetune", FinetuneConfig())
+    return _named(name, **kw)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -595,6 +607,17 @@ RECIPES: dict[str, Recipe] = {
             )
         ),
         _named("w4a16", **INT4, activations="none", attention=False),
+        _fine_tuned("w8a4-ft", activations="int4", **PER_STEP),
+        _fine_tuned("w4a4-ft", weights="int4", activations="int4", **PER_STEP),
+        _fine_tuned(
+            "w4a4-tdq-ft",
+            weights="int4",
+            activations="int4",
+            act_mode="tdq",
+            calibration=CalibrationConfig(selection="all"),
+        ),
+        _fine_tuned("w2a8-ft", weights="ternary", overrides=CONDITIONING_INT8, **PER_STEP),
+        _fine_tuned("w1a8-ft", weights="binary", overrides=CONDITIONING_INT8, **PER_STEP),
     )
 }
 

@@ -128,4 +128,4 @@ def test_the_last_good_state_is_a_snapshot_not_a_view(recorded):
                 p.add_(1.0)
     assert all(float(s["up"].abs().max()) == 0 for s in good["lora"])  # still the zero-initialised B
     trainables.load(good)
-    assert all(float(a.up.abs().max()) == 0 for a in trainables.adapters)
+    assert all(float(a.up.detach().abs().max()) == 0 for a in trainables.adapters)

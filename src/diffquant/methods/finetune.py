@@ -58,10 +58,10 @@ def selections(recipe) -> list[CalibrationConfig]:
     return [finetune_calibration(recipe.calibration, recipe.finetune)] if applies(recipe) else []
 
 
-def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True) -> dict:
+def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True, checkpoint=None) -> dict:
     """The fine-tuning step of :func:`diffquant.quantize` (after GPTQ and the TDQ fit)."""
     rows = trajectory.select(finetune_calibration(recipe.calibration, recipe.finetune))
-    return finetune(model, rows, recipe.finetune, progress=progress)
+    return finetune(model, rows, recipe.finetune, checkpoint=checkpoint, progress=progress)
 
 
 def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
@@ -185,12 +185,14 @@ def finetune(
             :func:`finetune_calibration`).
         config: the :class:`~diffquant.recipe.FinetuneConfig` (default: its defaults).
         checkpoint: a directory for resumable checkpoints (every ``config.checkpoint_every`` steps,
-            and when stopped by ``max_minutes``); an existing checkpoint there is resumed.
+            and when training stops: done, or by ``max_minutes``); an existing checkpoint there is
+            resumed (one of a finished run: only merged again).
         progress: a progress bar with the running loss.
 
     Returns:
-        ``{"iterations", "held_before", "held_after", "train_loss", "trained", "seconds", "stopped"}``:
-        held-out mean squared noise-prediction error before and after.
+        ``{"iterations", "held_before", "held_after", "train_loss", "trained", "seconds", "stopped",
+        "resumed_at", "rows"}``: held-out mean squared noise-prediction error before and after,
+        the step a checkpoint resumed from (0: none).
 
     Raises:
         FinetuneError: a non-finite loss (the step, the iteration, the tensors that broke); the
@@ -240,6 +242,7 @@ def finetune(
                 opt.load_state_dict(saved["opt"])
             gen.set_state(saved["generator"])
             step = saved["step"]
+        resumed_at = step
 
         def save() -> None:
             if ckpt is None:
@@ -284,8 +287,8 @@ def finetune(
                         save()
                     if config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes:
                         stopped = f"max_minutes ({config.max_minutes}) at step {step}"
-                        save()
                         break
+            save()  # the end state too: the same call again resumes (or, when done, only merges)
         finally:
             bar.close()
         trainables.finish()
@@ -294,6 +297,6 @@ def finetune(
     return {
         "iterations": step, "held_before": held_before, "held_after": held_after,
         "train_loss": sum(tail) / len(tail) if tail else float("nan"), "trained": trained,
-        "seconds": round(time.perf_counter() - start_time, 1), "stopped": stopped,
+        "seconds": round(time.perf_counter() - start_time, 1), "stopped": stopped, "resumed_at": resumed_at,
         "rows": {"train_calls": len(train), "held_calls": len(held)},
     }  # fmt: skip
