@@ -7,7 +7,7 @@ The setting is a named recipe followed by ``+key=value`` changes to its :class:`
 (``train`` takes ``lora/scales``). Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
 one JSON line: FD against the training set and PSNR against the FP images from identical noise
 (DDIM-50, seed 0), before and after fine-tuning, the held-out distillation loss, seconds and peak RSS.
-The FP images are cached beside this file. A probe harness (no resume, no interval); the
+The FP images and the PTQ model (``.ptq_MODEL_RECIPE/``, with its scores) are cached beside this file. A probe harness (no resume, no interval); the
 fine-tuning table is the protocol of record.
 """
 
@@ -66,10 +66,17 @@ def main() -> None:
         s = evaluator.score(images, labels)
         return {"fd": round(s["fd"], 4), "cc": round(s["class_consistency"], 3), "psnr": round(psnr(images, fp), 2)}
 
-    start = time.time()
-    qmodel = diffquant.quantize(load_builtin(model_name), recipe.replace(finetune=None), progress=False)
-    quantize_s = time.time() - start
-    before = score(qmodel)
+    ptq = Path(__file__).parent / f".ptq_{model_name}_{recipe.name}"  # the PTQ model and its scores, reused
+    if (ptq / "before.json").is_file():
+        qmodel = diffquant.load_quantized(ptq, load_builtin(model_name))
+        before, quantize_s = json.loads((ptq / "before.json").read_text())
+    else:
+        start = time.time()
+        qmodel = diffquant.quantize(load_builtin(model_name), recipe.replace(finetune=None), progress=False)
+        quantize_s = time.time() - start
+        before = score(qmodel)
+        diffquant.save_quantized(qmodel, ptq, model_name)
+        (ptq / "before.json").write_text(json.dumps([before, quantize_s]))
     start = time.time()
     diffquant.finetune(qmodel, load_builtin(model_name), config, progress=False)
     finetune_s = time.time() - start

@@ -129,3 +129,37 @@ def test_the_last_good_state_is_a_snapshot_not_a_view(recorded):
     assert all(float(s["up"].abs().max()) == 0 for s in good["lora"])  # still the zero-initialised B
     trainables.load(good)
     assert all(float(a.up.detach().abs().max()) == 0 for a in trainables.adapters)
+
+
+def test_two_processes_train_the_one_process_weights(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): each rank takes its share of every batch and the gradients
+    are averaged by rows, so the ranks end with the one-process model (to float summation order)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).parent / "ddp_finetune.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.pt")], check=True, timeout=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    proc = subprocess.run(
+        [*torchrun, "--master-port", str(port), script, str(tmp_path / "two.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert (one["world"], two["world"]) == (1, 2)
+    for key, a in one["state"].items():
+        b = two["state"][key]
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+        else:  # integer codes: a code may sit on a rounding boundary, never more than one step away
+            assert (a.long() - b.long()).abs().max() <= 1 and (a != b).float().mean() < 1e-3, key
+    for key in ("held_before", "held_after", "train_loss"):
+        assert two["report"][key] == pytest.approx(one["report"][key], rel=1e-4), key
+    assert one["report"]["held_after"] < one["report"]["held_before"]

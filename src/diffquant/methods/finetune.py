@@ -16,7 +16,13 @@ What trains (``FinetuneConfig.train``):
 
 Every call of the recording holds rows of one step; half the rows of each call train, the other
 half is held out, and the held-out loss before and after is the report. Rows are drawn from every
-recorded step. The recording can be spilled to disk (:class:`~diffquant.trajectory.Trajectory`):
+recorded step.
+
+Data parallel: inside a ``torch.distributed`` process group (``torchrun --nproc-per-node 2``, gloo on
+CPU) every rank draws the same rows (one generator, one seed), computes the loss of its share of the
+batch and the gradients are averaged with each rank weighted by its rows before every step, so the
+ranks hold the one-process model (to float summation order) at ``1 / world`` of the compute each;
+the held-out score is sharded likewise and only rank 0 writes checkpoints. The recording can be spilled to disk (:class:`~diffquant.trajectory.Trajectory`):
 a training step reads one call.
 """
 
@@ -27,10 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from diffquant.denoiser import input_channels, input_name, noise_prediction
+from diffquant.eval.distributed import rank_and_world
 from diffquant.modes import act_quantizers, quant_modules, without_output_gain
 from diffquant.nn import lora as L
 from diffquant.primitives import weight_scale
@@ -217,11 +225,33 @@ def finetune(
         out = noise_prediction(call.replay(model), c)
         return F.mse_loss(out.float(), call.output.float())
 
+    rank, world = rank_and_world()
+
     def held_loss() -> float:
         if not held:
             return float("nan")
         with torch.no_grad():
-            return sum(float(loss_of(e)) for e in held) / len(held)
+            total = torch.tensor(sum(float(loss_of(e)) for e in held[rank::world]), dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(total)
+        return float(total) / len(held)
+
+    def average_gradients(params: list[torch.Tensor], share: float) -> None:
+        """Sum over ranks of each rank's gradient times its share of the batch's rows; a tensor no
+        rank has a gradient for keeps none (the optimizer skips it, as in one process)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(p.grad is not None) for p in params])])
+        flat[: -len(params)] *= share
+        dist.all_reduce(flat)
+        chunks = flat.split([g.numel() for g in grads] + [len(params)])
+        for p, chunk, seen in zip(params, chunks, chunks[-1].tolist(), strict=False):
+            p.grad = chunk.view_as(p).clone() if seen else None
+
+    def out_of_time() -> bool:  # rank 0's clock decides, so every rank stops at the same step
+        late = torch.tensor(float(time.perf_counter() - start_time > 60 * config.max_minutes))
+        if world > 1:
+            dist.broadcast(late, 0)
+        return bool(late)
 
     start_time = time.perf_counter()
     with without_output_gain(model):  # the output correction (if any) is fitted afterwards
@@ -245,7 +275,7 @@ def finetune(
         resumed_at = step
 
         def save() -> None:
-            if ckpt is None:
+            if ckpt is None or rank != 0:
                 return
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {"model": trainables.state(), "opt": opt.state_dict() if opt else None, "step": step}
@@ -257,27 +287,40 @@ def finetune(
         losses: list[float] = []
         stopped = None
         good = trainables.state()
-        bar = tqdm(total=config.iterations, initial=step, desc="finetune", unit="step", disable=not progress)
+        params = [p for g in groups for p in g["params"]]
+        bar = tqdm(
+            total=config.iterations, initial=step, desc="finetune", unit="step", disable=not progress or rank != 0
+        )
         try:
             with torch.enable_grad():
                 while step < config.iterations and opt is not None:
                     entry = train[int(torch.randint(len(train), (1,), generator=gen))]
                     n = len(entry[1])
-                    rows = torch.randperm(n, generator=gen)[: config.batch] if config.batch < n else None
-                    loss = loss_of(entry, rows)
-                    if not bool(torch.isfinite(loss)):
+                    rows = torch.randperm(n, generator=gen)[: config.batch] if config.batch < n else torch.arange(n)
+                    mine = rows[rank::world]  # every rank drew the same rows: each takes its share
+                    loss = loss_of(entry, mine) if len(mine) else None
+                    if world > 1:  # the batch's loss, for the bar and the NaN check (as one process has it)
+                        total = torch.tensor(0.0 if loss is None else float(loss.detach()) * len(mine) / len(rows))
+                        dist.all_reduce(total)
+                        batch_loss = total
+                    else:
+                        batch_loss = loss.detach()
+                    if not bool(torch.isfinite(batch_loss)):
                         broken = trainables.broken()
                         trainables.load(good)
                         raise FinetuneError(
-                            f"fine-tuning: the loss is {float(loss.detach())} at time step {entry[3]} (iteration {step + 1})"
+                            f"fine-tuning: the loss is {float(batch_loss)} at time step {entry[3]} (iteration {step + 1})"
                             + (f"; non-finite values in {', '.join(broken[:3])}" if broken else "")
                             + "; the model keeps the last finite state. Lower finetune.lr / scale_lr."
                         )
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if loss is not None:
+                        loss.backward()
+                    if world > 1:
+                        average_gradients(params, len(mine) / len(rows))
                     opt.step()
                     step += 1
-                    losses.append(float(loss.detach()))
+                    losses.append(float(batch_loss))
                     if step % 50 == 0:
                         good = trainables.state()
                     bar.update(1)
@@ -285,7 +328,7 @@ def finetune(
                         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3g}")
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
                         save()
-                    if config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes:
+                    if config.max_minutes is not None and out_of_time():
                         stopped = f"max_minutes ({config.max_minutes}) at step {step}"
                         break
             save()  # the end state too: the same call again resumes (or, when done, only merges)
