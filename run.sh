@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 VENV=.venv
-STAMP=$VENV/.installed-$(cat pyproject.toml requirements-cpu.txt | sha1sum | cut -c1-12)
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}  # where a plain machine finds +cpu builds
+STAMP=$VENV/.installed-$(cat pyproject.toml requirements-cpu.txt requirements-lock.txt | sha1sum | cut -c1-12)
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -16,12 +17,14 @@ setup() {
   fi
   if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    # torch first, pinned: on the CPU reference machine this is the local CPU build; on a GPU
-    # machine install the CUDA build of torch before running this script (see README).
+    # torch first, pinned to its CPU build (requirements-cpu.txt): this machine's wheels if they hold
+    # it, else PyTorch's CPU index; on a GPU machine install the CUDA build of torch before running
+    # this script (see README).
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-      "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt
+      "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt 2>/dev/null \
+        || "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt --extra-index-url "$TORCH_CPU_INDEX"
     fi
-    "$VENV/bin/python" -m pip install -q -e ".[dev,onnx]"
+    "$VENV/bin/python" -m pip install -q -c requirements-lock.txt -e ".[dev,onnx]"  # the versions tested
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
   fi

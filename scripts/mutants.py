@@ -144,6 +144,22 @@ MUTANTS = (
         "scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask", "pass",
         ("tests/nn/test_modules.py",), "the attention mask is ignored",
     ),
+    Mutant(
+        "lora-merge-sign", "nn/lora.py",
+        "m.weight.add_(m.lora.delta(m.weight.shape).to(m.weight.dtype))",
+        "m.weight.sub_(m.lora.delta(m.weight.shape).to(m.weight.dtype))",
+        ("tests/methods/test_finetune.py",), "fine-tuning merges its LoRA update with the sign flipped", quick=True,
+    ),
+    Mutant(
+        "finetune-resume-generator", "methods/finetune.py",
+        'gen.set_state(saved["generator"])', "pass",
+        ("tests/methods/test_finetune.py",), "a resumed fine-tuning run draws its rows anew (not where it stopped)",
+    ),
+    Mutant(
+        "finetune-ddp-share", "methods/finetune.py",
+        "mine = rows[rank::world]", "mine = rows",
+        ("tests/methods/test_finetune.py",), "every fine-tuning rank trains on the whole batch (the gradient counted twice)",
+    ),
 )  # fmt: skip
 
 

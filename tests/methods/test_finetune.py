@@ -163,3 +163,15 @@ def test_two_processes_train_the_one_process_weights(tmp_path):
     for key in ("held_before", "held_after", "train_loss"):
         assert two["report"][key] == pytest.approx(one["report"][key], rel=1e-4), key
     assert one["report"]["held_after"] < one["report"]["held_before"]
+
+
+def test_the_best_held_out_state_is_the_one_kept(recorded):
+    fp, trajectory = recorded
+    q = quantize(copy.deepcopy(fp), INT2, trajectory, progress=False)
+    config = FinetuneConfig(**{**FAST.__dict__, "iterations": 60, "eval_every": 10, "lr": 1.0})  # too high: it wanders
+    report = finetune(q, trajectory, config, progress=False)
+    steps, held = zip(*report["held_curve"], strict=True)
+    assert steps == (0, 10, 20, 30, 40, 50, 60)
+    best = min(range(len(held)), key=held.__getitem__)
+    assert report["best_step"] == steps[best] and report["held_after"] == pytest.approx(held[best], rel=1e-6)
+    assert best < len(held) - 1 and held[best] < held[-1]  # not the last: keeping the last would fail

@@ -14,9 +14,11 @@ What trains (``FinetuneConfig.train``):
   for; its per-step table is rewritten from it), and each layer's weight scales (per channel or
   group: the learnable scales ternary and binary weights need).
 
-Every call of the recording holds rows of one step; half the rows of each call train, the other
-half is held out, and the held-out loss before and after is the report. Rows are drawn from every
-recorded step.
+Every call of the recording holds rows of one step (one row per sample); a quarter of the samples
+is held out and scored every ``eval_every`` steps, and the state with the lowest held-out loss is
+the one kept (a fine-tuned model overfits a few trajectories quickly: on fashion-unet W4A4 with 16
+of them, the training loss fell to 0.0037 while the held-out one rose from 0.0078 after 200 steps to
+0.0088 after 1000). Rows are drawn from every recorded step.
 
 Data parallel: inside a ``torch.distributed`` process group (``torchrun --nproc-per-node 2``, gloo on
 CPU) every rank draws the same rows (one generator, one seed), computes the loss of its share of the
@@ -46,7 +48,8 @@ from diffquant.recipe import CalibrationConfig, FinetuneConfig
 from diffquant.trajectory import Trajectory
 
 NAME = "finetune"
-HELD_OUT_CALLS = 64  # held-out calls scored before and after (spread over the steps)
+HELD_OUT_CALLS = 64  # held-out calls scored (spread over the steps)
+HELD_EVERY = 4  # a quarter of the recorded rows (samples) is held out
 
 
 class FinetuneError(RuntimeError):
@@ -73,16 +76,18 @@ def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True,
 
 
 def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
-    """``(train, held)``: ``(call index, row positions, input channels, timestep)`` per recorded call,
-    even rows to train, odd rows held out (a one-row call only trains)."""
+    """``(train, held)``: ``(call index, row positions, input channels, timestep)`` per recorded call;
+    every ``HELD_EVERY``-th row (the last of each group) is held out, the others train (a call of
+    fewer rows holds out its last row, a one-row call only trains)."""
     train, held = [], []
     for i, call in enumerate(trajectory):
         if call.output is None:
             continue
         c, n, t = input_channels(call.args, call.kwargs, name), call.output.shape[0], int(call.step.timestep)
-        train.append((i, list(range(0, n, 2)) if n > 1 else [0], c, t))
-        if n > 1:
-            held.append((i, list(range(1, n, 2)), c, t))
+        out = [r for r in range(n) if r % HELD_EVERY == HELD_EVERY - 1] or ([n - 1] if n > 1 else [])
+        train.append((i, [r for r in range(n) if r not in out], c, t))
+        if out:
+            held.append((i, out, c, t))
     return train, held
 
 
@@ -199,8 +204,9 @@ def finetune(
 
     Returns:
         ``{"iterations", "held_before", "held_after", "train_loss", "trained", "seconds", "stopped",
-        "resumed_at", "rows"}``: held-out mean squared noise-prediction error before and after,
-        the step a checkpoint resumed from (0: none).
+        "resumed_at", "best_step", "held_curve", "rows"}``: held-out mean squared noise-prediction
+        error before and after (of the state kept: the best scored), the step a checkpoint resumed
+        from (0: none), the step kept and the held-out loss at every scoring.
 
     Raises:
         FinetuneError: a non-finite loss (the step, the iteration, the tensors that broke); the
@@ -279,6 +285,7 @@ def finetune(
                 return
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {"model": trainables.state(), "opt": opt.state_dict() if opt else None, "step": step}
+            state.update(best=best, curve=curve)
             state["generator"] = gen.get_state()
             tmp = ckpt.with_suffix(".tmp")
             torch.save(state, tmp)
@@ -287,6 +294,17 @@ def finetune(
         losses: list[float] = []
         stopped = None
         good = trainables.state()
+        best = {"step": step, "held": held_before, "state": good}
+        curve = [(step, held_before)]
+        if ckpt is not None and ckpt.is_file():
+            best, curve = saved["best"], saved["curve"]
+
+        def score() -> None:  # the held-out loss now; the best state so far is what is kept
+            h = held_loss()
+            curve.append((step, h))
+            if not h >= best["held"]:  # NaN-safe: a NaN is never best
+                best.update(step=step, held=h, state=trainables.state())
+
         params = [p for g in groups for p in g["params"]]
         bar = tqdm(
             total=config.iterations, initial=step, desc="finetune", unit="step", disable=not progress or rank != 0
@@ -326,14 +344,20 @@ def finetune(
                     bar.update(1)
                     if step % 10 == 0:
                         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3g}")
+                    if config.eval_every and step % config.eval_every == 0:
+                        score()
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
                         save()
                     if config.max_minutes is not None and out_of_time():
                         stopped = f"max_minutes ({config.max_minutes}) at step {step}"
                         break
+            if curve[-1][0] != step:
+                score()
             save()  # the end state too: the same call again resumes (or, when done, only merges)
         finally:
             bar.close()
+        if held and best["state"] is not None:
+            trainables.load(best["state"])
         trainables.finish()
         held_after = held_loss()
     tail = losses[-max(1, len(losses) // 10) :]
@@ -341,5 +365,6 @@ def finetune(
         "iterations": step, "held_before": held_before, "held_after": held_after,
         "train_loss": sum(tail) / len(tail) if tail else float("nan"), "trained": trained,
         "seconds": round(time.perf_counter() - start_time, 1), "stopped": stopped, "resumed_at": resumed_at,
+        "best_step": best["step"], "held_curve": [[k, round(h, 8)] for k, h in curve],
         "rows": {"train_calls": len(train), "held_calls": len(held)},
     }  # fmt: skip
