@@ -230,15 +230,17 @@ class FinetuneConfig:
             held out to score the result).
         batch: trajectory rows per step.
         rank: LoRA rank on each quantized Conv2d / Linear (merged into the weight at the end).
-        lr: AdamW learning rate of the LoRA factors.
+        lr: AdamW learning rate of the LoRA factors (peak: a linear warm-up over ``warmup`` steps,
+            then a cosine decay to a tenth at the last step; the scales follow the same schedule).
         scale_lr: Adam learning rate of the activation step sizes (log-space: a relative change).
+        warmup: warm-up steps of the learning rates.
         train: what is trained: ``lora`` (QALoRA: the adapters, added before the weight
             fake-quant), ``scales`` (the activations' LSQ step sizes per quantizer and per step
             bucket, or the TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
             channel or group; not by default: on a toy denoiser with int2 weights its gradient
             raised the loss even on a single full batch, while activation scales lowered it).
         eval_every: score the held-out trajectories every this many steps; the best-scoring state
-            is the one kept (0: only at the end, which keeps the last).
+            is the one kept (0: only at the end: the better of the start and the end).
         max_minutes: stop early after this much wall time (``None``: no limit).
         checkpoint_every: save a resumable checkpoint every this many steps (0: none; needs a
             ``checkpoint`` directory passed to :func:`~diffquant.methods.finetune.finetune`).
@@ -251,6 +253,7 @@ class FinetuneConfig:
     rank: int = 32
     lr: float = 5e-4
     scale_lr: float = 1e-3
+    warmup: int = 50
     train: tuple[str, ...] = ("lora", "scales")
     eval_every: int = 250
     max_minutes: float | None = None
@@ -261,8 +264,8 @@ class FinetuneConfig:
         _check_fields(self, "finetune.")
         if self.iterations < 0 or self.samples < 1 or self.batch < 1 or self.rank < 1 or self.checkpoint_every < 0:
             raise ValueError("finetune samples, batch and rank must be >= 1, iterations and checkpoint_every >= 0")
-        if self.eval_every < 0:
-            raise ValueError(f"finetune eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every < 0 or self.warmup < 0:
+            raise ValueError(f"finetune eval_every and warmup must be >= 0, got {self.eval_every}, {self.warmup}")
         if not (self.lr > 0 and self.scale_lr > 0):
             raise ValueError(f"finetune lr and scale_lr must be > 0, got {self.lr}, {self.scale_lr}")
         if not self.train or set(self.train) - set(FINETUNE_TRAIN):

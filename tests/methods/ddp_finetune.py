@@ -28,7 +28,7 @@ def main() -> None:
     with diffquant.recording(fp) as trajectory:
         my_sampler(fp, n=32)
     q = diffquant.quantize(copy.deepcopy(fp), INT2, trajectory, progress=False)
-    config = FAST.__class__(**{**FAST.__dict__, "iterations": 40, "batch": 7})  # 7 rows: 4 and 3 per rank
+    config = FAST.__class__(**{**FAST.__dict__, "iterations": 40, "batch": 7, "eval_every": 10, "lr": 1e-2})
     report = finetune(q, trajectory, config, progress=False)
     if rank_and_world()[0] == 0:
         torch.save({"state": q.state_dict(), "report": report, "world": rank_and_world()[1]}, sys.argv[1])

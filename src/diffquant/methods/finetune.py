@@ -31,6 +31,7 @@ a training step reads one call.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -50,6 +51,15 @@ from diffquant.trajectory import Trajectory
 NAME = "finetune"
 HELD_OUT_CALLS = 64  # held-out calls scored (spread over the steps)
 HELD_EVERY = 4  # a quarter of the recorded rows (samples) is held out
+
+
+def learning_rate_factor(step: int, iterations: int, warmup: int) -> float:
+    """The learning rate of step ``step`` (from 0) relative to the configured one: a linear warm-up
+    over ``warmup`` steps, then a cosine decay to a tenth at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, iterations - warmup - 1)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class FinetuneError(RuntimeError):
@@ -269,6 +279,7 @@ def finetune(
         }  # fmt: skip
         held_before = held_loss()
         opt = torch.optim.AdamW(groups) if groups else None
+        base_lr = [g["lr"] for g in groups]
         ckpt = Path(checkpoint) / "finetune.pt" if checkpoint is not None else None
         step = 0
         if ckpt is not None and ckpt.is_file():
@@ -336,6 +347,8 @@ def finetune(
                         loss.backward()
                     if world > 1:
                         average_gradients(params, len(mine) / len(rows))
+                    for g, lr in zip(opt.param_groups, base_lr, strict=True):  # stateless: resumes as it was
+                        g["lr"] = lr * learning_rate_factor(step, config.iterations, config.warmup)
                     opt.step()
                     step += 1
                     losses.append(float(batch_loss))
@@ -351,9 +364,11 @@ def finetune(
                     if config.max_minutes is not None and out_of_time():
                         stopped = f"max_minutes ({config.max_minutes}) at step {step}"
                         break
-            if curve[-1][0] != step:
-                score()
+            if stopped is None and curve[-1][0] != step:
+                score()  # the final state competes for best
             save()  # the end state too: the same call again resumes (or, when done, only merges)
+            if stopped is not None and curve[-1][0] != step:
+                score()  # after saving: a resumed run scores at the steps an uninterrupted one does
         finally:
             bar.close()
         if held and best["state"] is not None:
