@@ -64,16 +64,20 @@ def test_quantize_json_reports_sizes(tmp_path):
     assert 0.2 < info["q_weight_ratio"] < 0.35  # int8 weights with scales, biases and norms: about a quarter
 
 
-def test_quantize_with_a_fine_tuning_recipe_checkpoints_and_resumes(tmp_path):
+def _short_ft_recipe(path):
     from diffquant.recipe import get_recipe
 
     recipe = get_recipe("w4a4-ft").replace(
         name="w4a4-ft-short",
         calibration={"n_samples": 2, "batch_size": 2, "steps": 10},
-        finetune={"iterations": 6, "samples": 2},
+        finetune={"iterations": 6, "samples": 4},
     )
-    path = tmp_path / "ft.json"
     path.write_text(recipe.to_json())
+    return path
+
+
+def test_quantize_with_a_fine_tuning_recipe_checkpoints_and_resumes(tmp_path):
+    path = _short_ft_recipe(tmp_path / "ft.json")
     ckpt, args = tmp_path / "ckpt", ("--model", "fashion-dit", "--recipe", str(path), "--json")
     result = run("quantize", *args, "--out", str(tmp_path / "a"), "--checkpoint", str(ckpt))
     assert result.exit_code == 0, result.output
@@ -85,6 +89,28 @@ def test_quantize_with_a_fine_tuning_recipe_checkpoints_and_resumes(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first, second = (json.loads((tmp_path / d / "meta.json").read_text())["report"]["finetune"] for d in "ab")
     assert first["iterations"] == second["iterations"] == 6 and (first["resumed_at"], second["resumed_at"]) == (0, 6)
+
+
+@pytest.mark.slow
+def test_quantize_under_torchrun_fine_tunes_data_parallel_and_rank_0_writes(tmp_path):
+    import socket
+
+    path = _short_ft_recipe(tmp_path / "ft.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    args = ["quantize", "--model", "fashion-dit", "--recipe", str(path), "--out", str(tmp_path / "q"), "--json"]
+    cmd = [*torchrun, "--master-port", str(port), "-m", "diffquant", "--", *args, "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 alone writes
+    report = json.loads((tmp_path / "q" / "meta.json").read_text())["report"]["finetune"]
+    single = run("quantize", *args[1:-3], "--out", str(tmp_path / "one"), "--json", "--threads", "1")
+    assert single.exit_code == 0, single.output
+    one = json.loads((tmp_path / "one" / "meta.json").read_text())["report"]["finetune"]
+    assert report["iterations"] == one["iterations"] == 6
+    assert report["held_after"] == pytest.approx(one["held_after"], rel=1e-4)  # the same model, trained on two ranks
 
 
 def test_fine_tuning_options_need_a_fine_tuning_recipe(tmp_path):

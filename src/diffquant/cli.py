@@ -268,10 +268,15 @@ def quantize_cmd(
     model on its own trajectory (minutes on a CPU):
 
     Example: diffquant quantize --recipe w4a4-ft --max-minutes 20 --checkpoint ft-ckpt --out unet-w4a4-ft
+
+    Under torchrun the fine-tuning runs data parallel (gloo) and rank 0 writes the model:
+
+    Example: torchrun --nproc-per-node 2 -m diffquant -- quantize --recipe w4a4-ft --out unet-w4a4-ft
     """
     import time
 
     from diffquant import quantize, save_quantized
+    from diffquant.eval.distributed import init_from_env, rank_and_world
     from diffquant.recipe import Recipe, get_recipe
     from diffquant.serialization import weight_bytes
 
@@ -293,8 +298,11 @@ def quantize_cmd(
     m = _denoiser(model, weights)
     start = time.perf_counter()
     fp_bytes = weight_bytes(m)
+    init_from_env()  # torchrun: every rank quantizes the same (seeded) model, fine-tuning splits its batches
     q = _run(quantize, m, r, progress=not as_json, checkpoint=checkpoint)
     seconds = round(time.perf_counter() - start, 1)
+    if rank_and_world()[0] != 0:
+        return
     _run(save_quantized, q, out, model, {"quantize_seconds": seconds})
     if as_json:
         q_bytes = weight_bytes(q)
