@@ -38,6 +38,11 @@ Methods:
     no-oc    default without the per-step output correction (the ablation of the recipes that have it)
     mixed-4.5   default with mixed-precision weights at an average of 4.5 nominal bits (layers
              move from the row's weight format to int8 by measured sensitivity)
+    ft       PTQ with per-channel weights and one activation scale per step, then quantization-aware
+             fine-tuning (FinetuneConfig defaults: LoRA + LSQ scales, distilled on the FP trajectory);
+             ft-tdq / ft-static the same from TDQ / static ranges, ft-lora with the scales frozen.
+             The row keeps the fine-tuning's cost (seconds, iterations) and held-out losses; W2A8 / W1A8
+             (ternary / binary weights) are meant with these methods.
 
 With --seed-noise the FP model is evaluated a second time from other seeds (``FP32 (seed 1)``):
 the FD difference between the two FP rows is the sampling noise of the FD at this N.
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -76,8 +82,12 @@ BITS = {
     # FP8's error split: E4M3 weights alone (float activations), E4M3 activations alone (float weights)
     "FP8-W": ("fp8-attn", {"activations": "none", "attention": False}),
     "FP8-A": ("fp8-attn", {"weights": "none"}),
+    # ternary / binary weights (8-bit conditioning layers) with 8-bit activations: the fine-tuned rows
+    "W2A8": ("w2a8-ft", {"finetune": None}),
+    "W1A8": ("w1a8-ft", {"finetune": None}),
 }
 BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
+FT = {"weight_group_size": None, "output_correction": False, "finetune": {}}  # finetune: FinetuneConfig defaults
 METHODS = {
     "naive": dict(
         observer="minmax",
@@ -117,6 +127,14 @@ METHODS = {
     "seed-99": dict(calibration={"seed": 99}),
     "smoothquant-seed-7": dict(smoothquant=True, calibration={"seed": 7}),
     "smoothquant-seed-99": dict(smoothquant=True, calibration={"seed": 99}),
+    # quantization-aware fine-tuning (diffquant.methods.finetune) after PTQ, per-channel weights (what the
+    # integer kernels run): one activation scale per step (EfficientDM's TALSQ), TDQ generators, static
+    "ft": dict(FT, act_mode="bucketed", buckets=50, calibration={"selection": "all"}),
+    "ft-tdq": dict(FT, act_mode="tdq", calibration={"selection": "all"}),
+    "ft-static": dict(FT, act_mode="static", buckets=1, calibration={"selection": "all"}),
+    "ft-lora": dict(
+        FT, act_mode="bucketed", buckets=50, calibration={"selection": "all"}, finetune={"train": ("lora",)}
+    ),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 
@@ -230,7 +248,12 @@ def main() -> None:
                 ms_per_image=round(1000 * sample_seconds / args.n, 2),
                 seconds=round(time.perf_counter() - start, 1),
                 recipe=model.diffquant_recipe.to_dict(),  # resolved: a budget's per-layer overrides included
+                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),  # process so far
             )
+            ft = model.diffquant_report.get("finetune")
+            if ft:  # its cost and what it reached on the held-out trajectories
+                keep = ("iterations", "seconds", "held_before", "held_after", "best_step", "stopped")
+                row["finetune"] = {k: ft[k] for k in keep}
             record["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
             save()
