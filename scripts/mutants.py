@@ -156,6 +156,11 @@ MUTANTS = (
         ("tests/methods/test_finetune.py",), "a resumed fine-tuning run draws its rows anew (not where it stopped)",
     ),
     Mutant(
+        "finetune-keeps-last", "methods/finetune.py",
+        'trainables.load(best["state"])', "pass",
+        ("tests/methods/test_finetune.py",), "fine-tuning keeps its last state, not the best held-out one",
+    ),
+    Mutant(
         "finetune-ddp-share", "methods/finetune.py",
         "mine = rows[rank::world]", "mine = rows",
         ("tests/methods/test_finetune.py",), "every fine-tuning rank trains on the whole batch (the gradient counted twice)",
