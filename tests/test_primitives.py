@@ -67,6 +67,17 @@ def test_weight_sqnr_floor(qtype, group, floor_db):
     assert sqnr(w, P.fake_quant_weight(w, qtype, group)) > floor_db
 
 
+@pytest.mark.parametrize("qtype, group", [(int8, None), (int4, None), (int4, 32), (fp8_e4m3, None)])
+def test_the_largest_weight_of_each_channel_or_group_is_kept_exactly(qtype, group):
+    """Absmax scales put each row's (group's) largest |w| on the grid's last code: neither clipped nor
+    short of it (up to the float16 rounding of the stored scale)."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    shape = (16, -1, group or 64)  # rows of 64: one group per row, or groups of 32
+    amax = w.reshape(shape).abs().amax(-1)
+    kept = P.fake_quant_weight(w, qtype, group).reshape(shape).abs().amax(-1)
+    torch.testing.assert_close(kept, amax, rtol=2e-3, atol=0)
+
+
 def test_dynamic_per_token_beats_per_tensor_on_outlier_tokens():
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     x[3] *= 50  # one loud token

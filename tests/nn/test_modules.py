@@ -110,6 +110,9 @@ def test_bucketed_lookup_uses_the_current_step():
     with denoising_step(1, 0, 2):
         clean = q(x).item()
     assert noisy == pytest.approx(0.1) and clean == pytest.approx(0.07)
+    for t in range(0, 1000, 25):  # every step takes its own bucket's scale, near the boundary (t = 500) too
+        with denoising_step(0, t, 2):
+            assert q(x).item() == pytest.approx(0.1 if t >= 500 else 0.07), t  # a tie goes to the noisier
     with pytest.raises(RuntimeError, match="no current time step"):
         q(x)
 
