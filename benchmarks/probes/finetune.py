@@ -85,6 +85,7 @@ def main() -> None:
     row = dict(
         model=model_name, setting=setting, n=n, before=before, after=after,
         held_before=report["held_before"], held_after=report["held_after"], iterations=report["iterations"],
+        best_step=report.get("best_step"), held_curve=report.get("held_curve"),
         quantize_s=round(quantize_s), finetune_s=round(finetune_s),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         threads=torch.get_num_threads(),
