@@ -169,6 +169,7 @@ def test_eval_needs_two_samples():
     assert_user_error(run("eval", "--model", "fashion-dit", "--n", "1"), "at least 2")
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     result = run("demo", "--quick", "--n", "10", "--out", str(tmp_path / "demo"))
     assert result.exit_code == 0, result.output

@@ -34,6 +34,7 @@ RECIPES = {
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 @pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.slow
 def test_lowered_model_matches_the_reference(kind, name):
     q = quantized(kind, RECIPES[name])
     lowered, report = lower(copy.deepcopy(q), "cpu")
@@ -84,6 +85,7 @@ def test_no_step_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", ["fashion-unet", "fashion-dit"])
+@pytest.mark.slow
 def test_sampled_images_match_the_reference(name):
     # a trained model: a random one amplifies every rounding difference into a different image
     q = quantize(load_builtin(name), "w8a7", CalibrationConfig(n_samples=8, steps=10, batch_size=8), progress=False)
@@ -115,6 +117,7 @@ def test_saturating_layers_stay_on_the_reference_path_when_exact():
         assert torch.equal(q(x, t, y), lowered(x, t, y))
 
 
+@pytest.mark.slow
 def test_unsupported_layers_are_reported_not_broken():
     q = quantized("unet", get_recipe("w4a8"))  # int4 in groups of 64: no per-channel kernel
     lowered, report = lower(copy.deepcopy(q), "cpu")
@@ -130,6 +133,7 @@ def test_unquantized_model_is_refused():
         lower(tiny_model("dit"), "cpu")
 
 
+@pytest.mark.slow
 def test_custom_op_passes_opcheck():
     q = quantized("unet", RECIPES["w8a7"])
     lowered, _ = lower(copy.deepcopy(q), "cpu")
@@ -144,6 +148,7 @@ def test_custom_op_passes_opcheck():
 
 
 @pytest.mark.parametrize("kind", ["dit", "unet"])  # Linear layers; convolutions with shortcut splits
+@pytest.mark.slow
 def test_compiled_lowered_model_is_one_graph_for_every_step(kind):
     q = quantized(kind, RECIPES["w8a7-tdq"])  # per-step tables in the int8 layers and the attention operands
     lowered, report = lower(copy.deepcopy(q), "cpu")

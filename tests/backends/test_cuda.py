@@ -35,6 +35,7 @@ RECIPES = {
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 @pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.slow
 def test_lowered_model_matches_the_reference(kind, name):
     q = quantized(kind, RECIPES[name])
     lowered, report = lower(copy.deepcopy(q), "cuda")

@@ -63,6 +63,7 @@ def test_per_step_sqnr_sees_a_perturbation_of_known_size():
     assert db == pytest.approx([40.0] * 4, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_distributed_eval_equals_single_process(tmp_path):
     """2 CPU processes (gloo, torchrun) give the FD of the single-process run with the same seeds."""
     import json

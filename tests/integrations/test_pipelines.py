@@ -56,6 +56,7 @@ def denoiser(pipe) -> nn.Module:
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("kind", ["sd", "dit"])
+@pytest.mark.slow
 def test_quantize_run_save_load_identical_images(kind, recipe, tmp_path):
     pipe = build(kind, tmp_path)
     assert is_pipeline(pipe) and not is_pipeline(denoiser(pipe))
