@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from fp_cache import fp_images  # beside this file
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from scale import cpu_model  # benchmarks/scale.py: the CPU model and its int8 ISA flags
 
 import diffquant
 from diffquant.eval import Evaluator, psnr
@@ -54,12 +58,7 @@ def main() -> None:
     recipe, config = parse(setting)
     evaluator = Evaluator()
     kw = dict(n=n, steps=50, sampler="ddim", seed=0, progress=False)
-    cache = Path(__file__).parent / f".fp_{model_name}_{n}.pt"
-    if cache.exists():
-        fp, _ = torch.load(cache)
-    else:
-        fp, _ = sample(load_builtin(model_name), **kw)
-        torch.save((fp, None), cache)
+    fp, _ = fp_images(model_name, n)
 
     def score(model) -> dict:
         images, labels = sample(model, **kw)
@@ -88,7 +87,7 @@ def main() -> None:
         best_step=report.get("best_step"), held_curve=report.get("held_curve"),
         quantize_s=round(quantize_s), finetune_s=round(finetune_s),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), cpu=cpu_model(), date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
     print(json.dumps(row), flush=True)
     with OUT.open("a") as f:

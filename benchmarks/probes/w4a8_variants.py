@@ -16,9 +16,8 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
-import torch
+from fp_cache import fp_images  # beside this file
 
 from diffquant import quantize
 from diffquant.eval import Evaluator, extract_features, feature_stats, frechet_distance, psnr
@@ -31,12 +30,7 @@ def main() -> None:
     n, variant = int(sys.argv[1]), sys.argv[2]
     evaluator = Evaluator()
     kw = dict(n=n, steps=50, sampler="ddim", seed=0, progress=False)
-    cache = Path(__file__).parent / f".fp_unet_{n}.pt"
-    if cache.exists():
-        fp, _ = torch.load(cache)
-    else:
-        fp, labels = sample(load_builtin("fashion-unet"), **kw)
-        torch.save((fp, labels), cache)
+    fp, _ = fp_images("fashion-unet", n)
     fp_stats = feature_stats(extract_features(evaluator.feature_net, fp))
     name, *changes = variant.split("+")
     recipe = get_recipe(name)

@@ -277,7 +277,6 @@ def finetune(
             "lora_layers": len(trainables.adapters), "act_scales": len(trainables.act),
             "tdq_generators": len(trainables.tdq), "weight_scales": len(trainables.weight),
         }  # fmt: skip
-        held_before = held_loss()
         opt = torch.optim.AdamW(groups) if groups else None
         base_lr = [g["lr"] for g in groups]
         ckpt = Path(checkpoint) / "finetune.pt" if checkpoint is not None else None
@@ -288,8 +287,11 @@ def finetune(
             if opt is not None:
                 opt.load_state_dict(saved["opt"])
             gen.set_state(saved["generator"])
-            step = saved["step"]
-        resumed_at = step
+            step, best, curve = saved["step"], saved["best"], saved["curve"]
+        else:
+            curve = [(0, held_loss())]  # the held-out loss at every scoring, from the start
+            best = {"step": 0, "held": curve[0][1], "state": trainables.state()}
+        resumed_at, held_before = step, curve[0][1]
 
         def save() -> None:
             if ckpt is None or rank != 0:
@@ -304,11 +306,7 @@ def finetune(
 
         losses: list[float] = []
         stopped = None
-        good = trainables.state()
-        best = {"step": step, "held": held_before, "state": good}
-        curve = [(step, held_before)]
-        if ckpt is not None and ckpt.is_file():
-            best, curve = saved["best"], saved["curve"]
+        good = trainables.state()  # the last finite state (a NaN loss restores it)
 
         def score() -> None:  # the held-out loss now; the best state so far is what is kept
             h = held_loss()
@@ -371,7 +369,7 @@ def finetune(
                 score()  # after saving: a resumed run scores at the steps an uninterrupted one does
         finally:
             bar.close()
-        if held and best["state"] is not None:
+        if held:
             trainables.load(best["state"])
         trainables.finish()
         held_after = held_loss()

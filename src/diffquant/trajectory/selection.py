@@ -46,8 +46,7 @@ def step_buckets(timesteps: list[int], buckets: int) -> list[list[int]]:
     """Split a schedule's time steps (noisiest first) into ``buckets`` contiguous groups; with fewer
     steps than buckets the groups past the steps are empty (they take the all-steps range and own
     no time step), so a one-bucket-per-step recipe runs on a shorter recorded loop."""
-    groups = [list(map(int, g)) for g in np.array_split(np.asarray(timesteps), min(buckets, len(timesteps)))]
-    return [g for g in groups if g] + [[] for _ in range(buckets - len(groups))]
+    return [list(map(int, g)) for g in np.array_split(np.asarray(timesteps), buckets)]  # empty groups come last
 
 
 def union_rows(configs: list[CalibrationConfig], timesteps: list[int], num_timesteps: int) -> list[set[int]]:
