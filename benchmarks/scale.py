@@ -222,8 +222,21 @@ def child(model: str, recipe_name: str, args) -> dict:
         "fp_runs": 1, "calibration_calls": report.get("ranges", {}).get("calls"),
         "gptq_groups": gptq.get("groups"), "gptq_replays": gptq.get("replays"),
         "samples": args.samples, "steps": args.steps, "threads": args.threads,
-        "peak_stack": trace.peak_stack, "phases": trace.phases(),
+        "peak_stack": trace.peak_stack, "phases": trace.phases(), "commit": git_commit(),
     }  # fmt: skip
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when the tree has changes): the code a row ran on."""
+    try:
+        here = Path(__file__).parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "diffquant"], cwd=here.parent, capture_output=True, text=True
+        )
+        return sha.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
+    except OSError:
+        return None
 
 
 def run_row(model: str, recipe_name: str, args):
@@ -288,6 +301,8 @@ def write_markdown(record: dict, path: Path) -> None:
             f"{r['peak_over_fp32']:.2f} | {r['quantize_s']:.0f} | {r['fp_runs']} | {r.get('gptq_groups') or '-'} | "
             f"{r.get('gptq_replays') or '-'} | {r['samples']} x DDIM-{r['steps']}, CFG | {where(r.get('peak_stack'))} |"
         )
+    for note in record.get("notes", []):  # hand-written paragraphs kept in the JSON, so a rerun keeps them
+        lines += ["", note]
     path.write_text("\n".join(lines) + "\n")
 
 
