@@ -204,6 +204,23 @@ def test_python_dash_m_entry_point():
     assert "Unknown model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_recipes_json_prints_recipe_files_that_load(tmp_path):
+    from diffquant.recipe import RECIPES, Recipe
+
+    every = json.loads(run("recipes", "--json").stdout)
+    assert set(every) == set(RECIPES) and all(Recipe.from_dict(d) == RECIPES[k] for k, d in every.items())
+    one = run("recipes", "w4a4-ft", "--json")
+    assert one.exit_code == 0 and Recipe.from_json(one.stdout) == RECIPES["w4a4-ft"]
+    (tmp_path / "all.json").write_text(run("recipes", "--json").stdout)
+    result = run(
+        "quantize", "--model", "fashion-dit", "--recipe", str(tmp_path / "all.json"), "--out", str(tmp_path / "q")
+    )
+    assert_user_error(result, "all.json", "diffquant recipes NAME --json")
+    assert not (tmp_path / "q").exists()
+    assert_user_error(run("recipes", "w9a9"), "Unknown recipe 'w9a9'")
+    assert "fine-tuned 2000 steps" in run("recipes", "w4a4-ft").stdout
+
+
 def test_recipes_lists_named_recipes():
     result = run("recipes")
     assert result.exit_code == 0

@@ -132,7 +132,8 @@ def test_every_named_recipe_round_trips_through_json(name):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("weights: int8", r"my\.json is not JSON \(Expecting value.*diffquant recipes --json"),
+        ("weights: int8", r"my\.json is not JSON \(Expecting value.*diffquant recipes NAME --json"),
+        ('{"w8a8": {}, "w4a8": {}}', r"my\.json: this holds several named recipes .*diffquant recipes NAME --json"),
         ("[1, 2]", r"my\.json: a recipe is a JSON object of recipe fields, got list"),
         ('"w8a8"', r"my\.json: a recipe is a JSON object of recipe fields, got str"),
         ('{"wieghts": "int8"}', r"my\.json: unknown recipe fields \['wieghts'\]"),

@@ -208,33 +208,48 @@ def eval_(
 
 
 @app.command()
-def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print the recipes as JSON.")] = False):
-    """List the named quantization recipes.
+def recipes(
+    name: Annotated[
+        str | None, typer.Argument(help="One named recipe: with --json, printed as a recipe file to edit.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the recipes as JSON.")] = False,
+):
+    """List the named quantization recipes, or print one as a recipe file.
 
-    Example: diffquant recipes
+    Example: diffquant recipes w4a4-ft --json > my-recipe.json
     """
-    from diffquant.recipe import RECIPES
+    from diffquant.recipe import RECIPES, get_recipe
 
+    if name is not None:
+        r = _run(get_recipe, name)
+        typer.echo(r.to_json() if as_json else _recipe_line(name, r))
+        return
     if as_json:
         typer.echo(json.dumps({k: r.to_dict() for k, r in RECIPES.items()}, indent=2))
         return
-    for name, r in RECIPES.items():
-        weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
-        weights += "" if r.weight_method == "rtn" else f" {r.weight_method}"
-        acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
-        extras = [
-            *(
-                ["SmoothQuant " + (f"alpha {r.smoothquant_alpha}" if r.smoothquant_alpha else "searched")]
-                if r.smoothquant
-                else []
-            ),
-            *(["TDQ output fit"] if r.act_mode == "tdq" and r.tdq_fit == "output" else []),
-            *([f"mixed precision, {r.weight_bits_budget} bits"] if r.weight_bits_budget else []),
-            *(["per-step output correction"] if r.output_correction else []),
-            *(["attention matmuls float"] if not r.attention and r.activations != "none" else []),
-        ]
-        extra = "".join(f"  + {e}" for e in extras)
-        typer.echo(f"{name:16s} weights {weights:15s} activations {acts:30s} observer {r.observer}{extra}")
+    for key, r in RECIPES.items():
+        typer.echo(_recipe_line(key, r))
+
+
+def _recipe_line(name: str, r) -> str:
+    """One line of ``diffquant recipes``: the formats, the methods beyond them."""
+    weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
+    weights += "" if r.weight_method == "rtn" else f" {r.weight_method}"
+    acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
+    extras = [
+        *(
+            ["SmoothQuant " + (f"alpha {r.smoothquant_alpha}" if r.smoothquant_alpha else "searched")]
+            if r.smoothquant
+            else []
+        ),
+        *(["TDQ output fit"] if r.act_mode == "tdq" and r.tdq_fit == "output" else []),
+        *([f"mixed precision, {r.weight_bits_budget} bits"] if r.weight_bits_budget else []),
+        *(["per-step output correction"] if r.output_correction else []),
+        *(["attention matmuls float"] if not r.attention and r.activations != "none" else []),
+        *([f"fine-tuned {r.finetune.iterations} steps"] if r.finetune is not None else []),
+    ]
+    extra = "".join(f"  + {e}" for e in extras)
+    return f"{name:16s} weights {weights:15s} activations {acts:30s} observer {r.observer}{extra}"
 
 
 @app.command("quantize")

@@ -506,6 +506,11 @@ class Recipe:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
+        if unknown and unknown <= set(RECIPES):
+            raise ValueError(
+                "this holds several named recipes (what `diffquant recipes --json` prints); "
+                "a recipe file is one of them: `diffquant recipes NAME --json`"
+            )
         if unknown:
             raise ValueError(f"unknown recipe fields {sorted(unknown)}")
         for key, cls_ in NESTED.items():  # recipes saved before a nested config existed take its defaults
@@ -527,7 +532,7 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(
-                f"{source} is not JSON ({e}); a recipe file is what `diffquant recipes --json` prints"
+                f"{source} is not JSON ({e}); a recipe file is what `diffquant recipes NAME --json` prints"
             ) from None
         try:
             return cls.from_dict(data)

@@ -176,3 +176,31 @@ def test_attention_in_chunks_of_heads_equals_attention_at_once(monkeypatch, mask
     for chunk in (2 * 16 * 16, 1 << 24):
         monkeypatch.setattr(A, "SCORE_CHUNK_ELEMENTS", chunk)
         torch.testing.assert_close(mm(q, k, v, 0.3, mask), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_register_qmodule_makes_prepare_quantize_a_new_layer_type():
+    """A float layer type of the user's own is left alone until a quantized class is registered for it."""
+    from diffquant import prepare
+    from diffquant.nn import QMODULES, register_qmodule
+    from diffquant.recipe import get_recipe
+
+    class WideLinear(nn.Linear):  # a subclass: ``prepare`` matches exact types, so it is not a Linear to it
+        pass
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(WideLinear(16, 16), nn.Linear(16, 16))
+        model.forward = lambda x, t: model[1](model[0](x))  # the (x, t) denoiser contract
+        return model
+
+    recipe = get_recipe("w8a16").replace(exclude=(), name="all")
+    assert type(prepare(build(), recipe)[0]) is WideLinear
+    try:
+        register_qmodule(WideLinear)(type("QuantWideLinear", (QuantLinear,), {}))
+        model = prepare(build(), recipe)
+        assert type(model[0]).__name__ == "QuantWideLinear" and str(model[0].weight_qtype) == "int8"
+        x = torch.randn(4, 16)
+        expected = F.linear(x, P.fake_quant_weight(build()[0].weight, int8), model[0].bias)
+        assert torch.allclose(model[0](x), expected, atol=1e-6)
+    finally:
+        QMODULES.pop(WideLinear, None)
