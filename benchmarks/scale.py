@@ -211,6 +211,7 @@ def child(model: str, recipe_name: str, args) -> dict:
     """One row, in this process, traced (:class:`RssTrace`)."""
     torch.set_num_threads(args.threads)
     live = args.out.parent / "scale_traces" / f"{model}_{recipe_name}.json"
+    commit = git_commit()  # the code this row runs (read now: the checkout may move while it runs)
     with RssTrace(live=live) as trace:
         start = time.perf_counter()
         unet, fp32, build_s = run_row(model, recipe_name, args)
@@ -222,7 +223,7 @@ def child(model: str, recipe_name: str, args) -> dict:
         "fp_runs": 1, "calibration_calls": report.get("ranges", {}).get("calls"),
         "gptq_groups": gptq.get("groups"), "gptq_replays": gptq.get("replays"),
         "samples": args.samples, "steps": args.steps, "threads": args.threads,
-        "peak_stack": trace.peak_stack, "phases": trace.phases(), "commit": git_commit(),
+        "peak_stack": trace.peak_stack, "phases": trace.phases(), "commit": commit,
     }  # fmt: skip
 
 
@@ -232,7 +233,7 @@ def git_commit() -> str | None:
         here = Path(__file__).parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "diffquant"], cwd=here.parent, capture_output=True, text=True
+            ["git", "status", "--porcelain", "src/diffquant"], cwd=here.parent, capture_output=True, text=True
         )
         return sha.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
     except OSError:
