@@ -9,6 +9,11 @@ steps), and PSNR of whole sampled images against the FP images from identical no
 Variants: ``static`` per-step scales (bucketed, 50 buckets), ``tensor`` / ``token`` dynamic, and
 ``gN``: dynamic with one scale per group of N channels of each token (per-group activations,
 SVDQuant's INT4 setting, NVFP4's 16-element blocks). Appends to ``benchmarks/results/a4_granularity_probe.jsonl``.
+
+Measured (fashion-unet, 64 images, 2026-12-01, 1 thread beside other jobs): PSNR vs FP 20.0 dB with
+per-step static scales, 11.0 per-tensor dynamic (min-max: outliers set the grid), 27.4 per token,
+27.6 / 29.2 / 30.5 with groups of 64 / 32 / 16 channels; int8 per token 59.3. Scale per token (per
+pixel) is the lever; grouping channels adds 2-3 dB more.
 """
 
 import json

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/probes/finetune.py fashion-unet "w4a4-tdq+iterations=4000+lr=1e-3" 500
 
 The setting is a named recipe followed by ``+key=value`` changes to its :class:`FinetuneConfig`
-(``train`` takes ``lora/scales``). Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
+(``train`` takes ``lora/scales``) or to the recipe's own string / number fields (``act_mode=dynamic``). Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
 one JSON line: FD against the training set and PSNR against the FP images from identical noise
 (DDIM-50, seed 0), before and after fine-tuning, the held-out distillation loss, seconds and peak RSS.
 The FP images and the PTQ model (``.ptq_MODEL_RECIPE/``, with its scores) are cached beside this file. A probe harness (no resume, no interval); the
@@ -38,11 +38,16 @@ def parse(setting: str):
     recipe = get_recipe(name)
     config = recipe.finetune or FinetuneConfig()
     fields = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
-    kw = {}
+    kw, recipe_kw = {}, {}
+    recipe_fields = {f.name: f.type for f in dataclasses.fields(type(recipe))}
     for change in changes:
         key, value = change.split("=")
+        if key not in fields and key in recipe_fields and key != "finetune":  # a recipe field (str / int / float)
+            default = getattr(recipe, key)
+            recipe_kw[key] = value if isinstance(default, str) else type(default)(value)
+            continue
         if key not in fields:
-            raise SystemExit(f"unknown change {key!r}: use one of {', '.join(fields)}")
+            raise SystemExit(f"unknown change {key!r}: use one of {', '.join(fields)} or a recipe field")
         default = getattr(config, key)
         if key == "train":
             kw[key] = tuple(value.split("/"))
@@ -50,6 +55,8 @@ def parse(setting: str):
             kw[key] = float(value)
         else:
             kw[key] = type(default)(value)
+    if recipe_kw:
+        recipe = recipe.replace(name=recipe.name + "".join(f"+{k}={v}" for k, v in recipe_kw.items()), **recipe_kw)
     return recipe, dataclasses.replace(config, **kw)
 
 
