@@ -29,6 +29,11 @@ RECIPES = {
     # 2-bit and 1-bit packed codes, unpacked into int8 for the kernels
     "ternary-a7": get_recipe("w8a7").replace(weights="ternary", weight_method="rtn", name="w2a7-ternary"),
     "binary-a7": get_recipe("w8a7").replace(weights="binary", weight_method="rtn", name="w1a7-binary"),
+    # per-token dynamic scales: applied to the integer sums (convolutions: one 1x1 kernel per tap)
+    "token-a7": get_recipe("w8a7").replace(act_mode="dynamic", act_granularity="token", name="w8a7-token"),
+    "w4a4-token": get_recipe("w4a4").replace(
+        act_mode="dynamic", act_granularity="token", weight_group_size=None, name="w4a4-token"
+    ),
 }
 
 
@@ -171,3 +176,34 @@ def test_compiled_lowered_model_is_one_graph_for_every_step(kind):
             # the reference 33-36 dB for the same reason; layer by layer on equal inputs both are > 125 dB);
             # a zero point one code off in the compiled path alone: 19.5 dB (UNet), 39.6 dB (DiT)
             assert sqnr(eager, out) > (60 if kind == "dit" else 30), t
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_token_convolutions_and_linears_equal_the_reference(symmetric):
+    """Per-pixel scales through one 1x1 kernel per tap: strides, padding, dilation, a 1x1 kernel, a Linear."""
+    from diffquant import prepare
+    from diffquant.prepare import freeze
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, stride=2, padding=1),
+        torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2), torch.nn.Conv2d(8, 4, 1), torch.nn.Linear(4, 6),
+    ])  # fmt: skip
+    model = torch.nn.Module()
+    model.layers = layers
+    model.forward = lambda x, t: layers[4](layers[3](layers[2](layers[1](layers[0](x)))).permute(0, 2, 3, 1))
+    recipe = get_recipe("w8a7").replace(
+        act_mode="dynamic", act_granularity="token", act_symmetric=symmetric, weight_method="rtn", exclude=(),
+        name="token",
+    )  # fmt: skip
+    q = freeze(prepare(model, recipe))
+    x = torch.randn(2, 8, 9, 7) * torch.linspace(0.1, 3, 7)  # pixels of different ranges
+    with denoising_step(0, 500, 1), torch.no_grad():
+        ins = [x]
+        for layer in list(q.layers)[:-1]:
+            ins.append(layer(ins[-1]))
+        ins[-1] = ins[-1].permute(0, 2, 3, 1)
+        lowered, report = lower(copy.deepcopy(q), "cpu")
+        assert len(report.lowered) == 5, report.summary()
+        for i, inp in enumerate(ins):
+            assert sqnr(q.layers[i](inp), lowered.layers[i](inp)) > 100, i  # the same integers: float rounding only

@@ -122,6 +122,7 @@ class ActParams(nn.Module):
         self.name = q.name
         self.mode, self.granularity = q.mode, q.granularity
         self.qtype, self.symmetric = q.qtype, q.symmetric
+        self.channel_dim = q.channel_dim  # per-token scales reduce over it (1: a convolution's channels)
         self.lookup = StepQuantizer(q) if q.mode != "dynamic" and q.scale.numel() > 1 else None
         static = q.mode != "dynamic" and self.lookup is None
         self.register_buffer("static_scale", q.scale.reshape(-1)[0].float().clone() if static else None)
@@ -130,9 +131,10 @@ class ActParams(nn.Module):
         self.static_numbers = (float(self.static_scale), float(self.static_zp)) if static else None
 
     def params(self, x: torch.Tensor):
-        """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or ``(M, 1)`` for per-token dynamic scales."""
+        """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or one per token for per-token dynamic
+        scales (``(M, 1)`` for a Linear input, ``(N, 1, H, W)`` for a convolution's)."""
         if self.mode == "dynamic":
-            lo, hi = P.dynamic_range(x, self.granularity, -1)
+            lo, hi = P.dynamic_range(x, self.granularity, self.channel_dim if x.dim() == 4 else -1)
             return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
         if self.lookup is not None:
             p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)

@@ -7,9 +7,16 @@ that integer kernels can run exactly for an :class:`Int8Conv2d` / :class:`Int8Li
   output channel, unpacked once into oneDNN's prepacked int8 layout (packed int4 storage stays
   packed on disk; the kernel reads int8);
 * input activations: an integer grid of 8 bits or fewer with one scale per tensor: ``static``,
-  ``bucketed``, ``tdq`` (the frozen per-step table) or ``dynamic`` per tensor. The codes are held in
-  ``uint8``; grids narrower than ``[0, 255]`` (fewer bits, symmetric) are clamped to their own range
-  first, so the integers are exactly the fake-quant reference's integers.
+  ``bucketed``, ``tdq`` (the frozen per-step table) or ``dynamic`` per tensor; or ``dynamic`` per
+  token (one scale and zero point per row of a Linear input, per pixel of a convolution's). The codes
+  are held in ``uint8``; grids narrower than ``[0, 255]`` (fewer bits, symmetric) are clamped to their
+  own range first, so the integers are exactly the fake-quant reference's integers.
+
+Per-token scales vary along the GEMM's rows, so they come out of the integer sum: the kernel runs
+on the codes with scale 1 and zero point 0, and ``y = s_t * (acc - z_t * colsum(W)) + b`` per row. A
+convolution's output pixel sums input pixels of different scales, so a per-token convolution runs as
+one 1x1 int8 convolution per kernel tap (each on the shifted, strided input codes), every tap's
+result scaled by its own input pixels' scales: exact, ``kh * kw`` kernel calls instead of one.
 
 Each layer quantizes its input to uint8 codes with the ``[scale, zero point]`` of
 :class:`~diffquant.backends.common.ActParams` (a buffer, the opaque per-step lookup
@@ -23,8 +30,8 @@ which then writes uint8 codes instead of float, so the quantize step costs no pa
 the kernel is called directly.
 
 Layers the kernels cannot run exactly keep their float reference path and are listed, with the
-reason, in the :class:`LoweringReport`: per-group weights, FP8, per-token dynamic activations,
-float weights (weight-only recipes), learnable TDQ generators.
+reason, in the :class:`LoweringReport`: per-group weights, FP8, float weights (weight-only recipes),
+learnable TDQ generators.
 
 On the reference machine (AMD EPYC Zen 2, AVX2 without VNNI) oneDNN's int8 convolutions run at the
 speed of its fp32 ones (``benchmarks/cpu_kernels.md``): integer arithmetic there saves memory, not time.
@@ -37,6 +44,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
@@ -74,6 +82,7 @@ class _Input(ActParams):
         # a signed grid [-(2^(b-1) - 1), 2^(b-1) - 1] is held in uint8 as q + 2^(b-1): codes in [1, 2^b - 1]
         self.shift = 2 ** (q.qtype.bits - 1) if q.symmetric else 0
         self.grid = (qmin + self.shift, qmax + self.shift)
+        self.per_token = q.mode == "dynamic" and q.granularity == "token"
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compiled: uint8 codes of ``x`` (the reference's integers, shifted onto ``[0, 255]``), scale, zero point.
@@ -107,6 +116,9 @@ class _Kernel:
     bias: torch.Tensor | None
     out_features: int
     conv: dict = field(default_factory=dict)  # stride, padding, dilation, groups
+    # per-token inputs: per part, w_scale * sum_k W[o, k] (one per kernel tap for a convolution)
+    colsums: list[torch.Tensor] = field(default_factory=list)
+    taps: list[list[tuple[int, int, torch.Tensor]]] = field(default_factory=list)  # per part: (i, j, 1x1 packed)
 
     def out_shape(self, codes: torch.Tensor) -> list[int]:
         if self.kind == "linear":
@@ -132,6 +144,52 @@ class _Kernel:
             c["dilation"], c["groups"], 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return y.contiguous(memory_format=torch.channels_last)  # oneDNN writes NHWC: say so always
+
+    def gemm_tokens(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, part: int) -> torch.Tensor:
+        """Part ``part``'s codes with one ``scale, zp`` per token (row / pixel), through oneDNN with scale
+        1 and zero point 0, the scales applied to the integer sums (see the module docstring)."""
+        colsum = self.colsums[part]
+        if self.kind == "linear":
+            acc = torch.ops.onednn.qlinear_pointwise(
+                codes, 1.0, 0, self.parts[part][0], self.weight_scale, self.weight_zp, None, 1.0, 0,
+                torch.float32, "none", [], "",
+            )  # fmt: skip
+            y = scale * (acc - zp * colsum[0])
+        else:
+            c = self.conv
+            (ph, pw), (sh, sw), (dh, dw) = c["padding"], c["stride"], c["dilation"]
+            _, _, oh, ow = self.out_shape(codes)
+            pad = (pw, pw, ph, ph)  # padded pixels: scale 0, so they add nothing
+            codes, scale, zp = F.pad(codes, pad), F.pad(scale, pad), F.pad(zp, pad)
+            y = None
+            for (i, j, packed), cs in zip(self.taps[part], colsum, strict=True):
+                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                acc = torch.ops.onednn.qconv2d_pointwise(
+                    codes[:, :, rows, cols].contiguous(), 1.0, 0, packed, self.weight_scale, self.weight_zp,
+                    None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+                )  # fmt: skip
+                tap = scale[:, :, rows, cols] * (acc - zp[:, :, rows, cols] * cs.view(1, -1, 1, 1))
+                y = tap if y is None else y + tap
+            y = y.contiguous(memory_format=torch.channels_last)
+        if part == 0 and self.bias is not None:
+            y = y + (self.bias if self.kind == "linear" else self.bias.view(1, -1, 1, 1))
+        return y
+
+
+@torch.library.custom_op("diffquant::int8_gemm_tokens", mutates_args=())
+def int8_gemm_tokens(
+    codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, handle: int, part: int
+) -> torch.Tensor:
+    """uint8 ``codes`` with one ``scale``, ``zp`` per token through lowered layer ``handle``'s kernel."""
+    return _LAYERS[handle].gemm_tokens(codes, scale, zp, part)
+
+
+@int8_gemm_tokens.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, handle: int, part: int) -> torch.Tensor:
+    kernel = _LAYERS[handle]
+    out = codes.new_empty(kernel.out_shape(codes), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last) if kernel.kind == "conv" else out
 
 
 @torch.library.custom_op("diffquant::int8_gemm", mutates_args=())
@@ -172,7 +230,13 @@ class _Int8Layer(nn.Module):
         y = None
         for i, (inp, (_, channels)) in enumerate(zip(self.inputs, self.kernel.parts, strict=True)):
             part = x if len(self.inputs) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
-            if torch.compiler.is_compiling():  # one opaque node per GEMM, the quantize step in the graph
+            if inp.per_token:  # element-wise codes (no per-token quantize_per_tensor), scales per row / pixel
+                codes, scale, zp = inp.quantize(part)
+                if torch.compiler.is_compiling():
+                    out = torch.ops.diffquant.int8_gemm_tokens(codes, scale, zp, self.handle, i)
+                else:
+                    out = self.kernel.gemm_tokens(codes, scale, zp, i)
+            elif torch.compiler.is_compiling():  # one opaque node per GEMM, the quantize step in the graph
                 codes, scale, zp = inp.quantize(part)
                 qparams = torch.stack([scale, zp])  # float32 already
                 out = torch.ops.diffquant.int8_gemm(codes, qparams, self.handle, i)
@@ -217,7 +281,7 @@ def saturation_free(act_bits: int, weight_qmax: int) -> bool:
 
 def _why_not(m: QuantModule, exact: bool) -> str | None:
     """Why ``m`` cannot run on the int8 kernels, or ``None`` when it can."""
-    why = integer_obstacle(m, "oneDNN on CPU")
+    why = integer_obstacle(m, "oneDNN on CPU", per_token=True)
     if why is None and exact:
         for q in (m.input_quantizer, m.input_quantizer_2):
             if q is not None and not saturation_free(q.qtype.bits, _weight_qmax(m)):
@@ -240,10 +304,29 @@ def _layer(m: QuantModule) -> _Int8Layer:
     quantizers = [m.input_quantizer] + ([m.input_quantizer_2] if m.input_split else [])
     cin = w.shape[1]
     bounds = [0, m.input_split, cin] if m.input_split else [0, cin]
-    parts, inputs = [], []
+    parts, inputs, colsums, taps = [], [], [], []
     for q, lo, hi in zip(quantizers, bounds[:-1], bounds[1:], strict=True):
         inputs.append(_Input(q))
         wp = w[:, lo:hi].contiguous()
+        if inputs[-1].per_token:  # scale 1, zero point 0: the kernel returns the integer sums times w_scale
+            if isinstance(m, QuantConv2d):
+                kh, kw = m.kernel_size
+                one = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1])
+                taps.append([
+                    (i, j, torch.ops.onednn.qconv_prepack(
+                        wp[:, :, i : i + 1, j : j + 1].contiguous(), w_scale, 1.0, 0, *one.values(), 1, None
+                    ))
+                    for i in range(kh) for j in range(kw)
+                ])  # fmt: skip
+                colsums.append([w_scale * wp[:, :, i, j].sum(1).float() for i in range(kh) for j in range(kw)])
+                parts.append((None, slice(lo, hi)))
+            else:
+                colsums.append([w_scale * wp.sum(1).float()])
+                taps.append([])
+                parts.append((torch.ops.onednn.qlinear_prepack(wp, None), slice(lo, hi)))
+            continue
+        colsums.append([])
+        taps.append([])
         # the activation scale given here only seeds the prepacking; every call passes its own
         static = q.mode != "dynamic"
         x_scale = float(q.scale.reshape(-1)[0]) if static else 1.0
@@ -261,9 +344,9 @@ def _layer(m: QuantModule) -> _Int8Layer:
             stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups,
             kernel_size=list(m.kernel_size),
         )  # fmt: skip
-        kernel = _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, conv)
+        kernel = _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, conv, colsums, taps)
         return Int8Conv2d(kernel, inputs, smooth, m.extra_repr())
-    kernel = _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features)
+    kernel = _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features, colsums=colsums, taps=taps)
     return Int8Linear(kernel, inputs, smooth, m.extra_repr())
 
 

@@ -18,11 +18,19 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env(backend: str = "gloo") -> bool:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1). Returns whether distributed."""
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1). Returns whether distributed.
+
+    ``backend`` ``None``: gloo for CPU tensors, and NCCL for CUDA tensors when this build has it
+    (each rank then uses GPU ``LOCAL_RANK``)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if backend is None:
+            backend = "gloo"
+            if torch.cuda.is_available() and dist.is_nccl_available():
+                backend = "cpu:gloo,cuda:nccl"
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
         return True
     return False
