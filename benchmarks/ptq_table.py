@@ -40,7 +40,8 @@ Methods:
              move from the row's weight format to int8 by measured sensitivity)
     ft       PTQ with per-channel weights and one activation scale per step, then quantization-aware
              fine-tuning (FinetuneConfig defaults: LoRA + LSQ scales, distilled on the FP trajectory);
-             ft-tdq / ft-static the same from TDQ / static ranges, ft-lora with the scales frozen.
+             ft-tdq / ft-static the same from TDQ / static ranges, ft-lora with the scales frozen,
+             ft-dynamic from per-token dynamic activations (nothing to learn in them: LoRA only).
              The row keeps the fine-tuning's cost (seconds, iterations) and held-out losses; W2A8 / W1A8
              (ternary / binary weights) are meant with these methods.
 
@@ -135,6 +136,8 @@ METHODS = {
     "ft-lora": dict(
         FT, act_mode="bucketed", buckets=50, calibration={"selection": "all"}, finetune={"train": ("lora",)}
     ),
+    # per-token dynamic activations (one scale per row / pixel, run by the CPU backend), LoRA only
+    "ft-dynamic": dict(FT, act_mode="dynamic", act_granularity="token", calibration={"selection": "all"}),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 

@@ -8,12 +8,18 @@ on the FP trajectory (teacher-forced, every step of 16 trajectories, mean over s
 steps), and PSNR of whole sampled images against the FP images from identical noise (DDIM-50).
 Variants: ``static`` per-step scales (bucketed, 50 buckets), ``tensor`` / ``token`` dynamic, and
 ``gN``: dynamic with one scale per group of N channels of each token (per-group activations,
-SVDQuant's INT4 setting, NVFP4's 16-element blocks). Appends to ``benchmarks/results/a4_granularity_probe.jsonl``.
+SVDQuant's INT4 setting, NVFP4's 16-element blocks); ``rot-`` before a variant: each layer's input
+rotated along its channels first (a randomized Hadamard, QuaRot's trick; the weights would hold the
+inverse rotation); ``token-cR``: per token with every range shrunk to the fraction R (clipping). Appends to ``benchmarks/results/a4_granularity_probe.jsonl``.
 
 Measured (fashion-unet, 64 images, 2026-12-01, 1 thread beside other jobs): PSNR vs FP 20.0 dB with
 per-step static scales, 11.0 per-tensor dynamic (min-max: outliers set the grid), 27.4 per token,
 27.6 / 29.2 / 30.5 with groups of 64 / 32 / 16 channels; int8 per token 59.3. Scale per token (per
-pixel) is the lever; grouping channels adds 2-3 dB more.
+pixel) is the lever; grouping channels adds 2-3 dB more. Neither rotation nor clipping helps: a
+randomized Hadamard first gives 27.3 dB per token (20.6 with per-step static scales), and per-token
+ranges shrunk to 90 / 80 / 70 % give 21.2 / 15.8 / 12.4 dB (the extremes of a pixel carry signal).
+Fine-tuning (benchmarks/probes/finetune.py, W4 per-channel GPTQ weights, 2000 steps): per token
+FD 2.59 -> 1.64, PSNR 23.5 -> 24.4 dB; per-step static FD 5.12 -> 2.47, 18.0 -> 22.5 dB (FP FD 0.847).
 """
 
 import json
@@ -40,8 +46,17 @@ _plain = P.dynamic_fake_quant
 GROUP = {"n": 0}
 
 
+def clipped_fake_quant(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
+    """Dynamic fake quant with each token's range shrunk by ``GROUP['clip']`` (values beyond it clamp)."""
+    lo, hi = P.dynamic_range(x, granularity, channel_dim)
+    scale, zero_point = P.scale_from_range(lo * GROUP["clip"], hi * GROUP["clip"], qtype, symmetric)
+    return P.fake_quant(x, qtype, scale.to(x.dtype), zero_point.to(x.dtype), symmetric)
+
+
 def grouped_fake_quant(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
     """Per-token scales over groups of ``GROUP['n']`` channels (the rest as ``dynamic_fake_quant``)."""
+    if GROUP.get("clip", 1.0) != 1.0:
+        return clipped_fake_quant(x, qtype, granularity, symmetric, channel_dim)
     g = GROUP["n"]
     c = x.shape[channel_dim]
     if not g or granularity != "token" or c % g:
@@ -53,6 +68,36 @@ def grouped_fake_quant(x, qtype, granularity="token", symmetric=True, channel_di
     return y.reshape(shape).movedim(-1, channel_dim)
 
 
+ROTATE = {"on": False}
+_forward = None
+
+
+def hadamard(c: int) -> torch.Tensor:
+    """A randomized Hadamard rotation of ``c`` channels (block-diagonal, blocks the largest power of 2
+    dividing ``c``; random signs, seed 0): orthogonal, spreads a channel outlier over its block."""
+    block = c & -c
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = torch.block_diag(*[h] * (c // block)) / block**0.5
+    signs = torch.randint(0, 2, (c,), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return signs[:, None].float() * h
+
+
+def rotated_forward(self, x):
+    """The input quantizer on ``x`` rotated along its channels, rotated back: the fake-quant of a layer
+    whose weights hold the inverse rotation (``W' = W R``), the activation quantized as ``x R``."""
+    if not ROTATE["on"] or not (self.name.endswith(".input") or self.name.endswith(".input_skip")):
+        return _forward(self, x)
+    dim = self.channel_dim % x.dim()
+    r = hadamard(x.shape[dim]).to(x.dtype)
+    xr = torch.tensordot(x.movedim(dim, -1), r, 1)
+    y = _forward(self, xr.movedim(-1, dim))
+    if self.observing:
+        return x
+    return torch.tensordot(y.movedim(dim, -1), r.T, 1).movedim(-1, dim)
+
+
 def main() -> None:
     model_name, n = sys.argv[1], int(sys.argv[2])
     variants = sys.argv[3:] or ["a8-token", "static", "tensor", "token", "g64", "g32", "g16"]
@@ -61,6 +106,9 @@ def main() -> None:
     import diffquant.nn.quantizer as Q
 
     Q.P.dynamic_fake_quant = grouped_fake_quant
+    global _forward
+    _forward = Q.ActQuantizer.forward
+    Q.ActQuantizer.forward = rotated_forward
     fp_model = load_builtin(model_name)
     with diffquant.recording(fp_model, outputs=True) as traj:
         sample(fp_model, n=16, steps=50, sampler="ddim", seed=4321, progress=False)
@@ -68,6 +116,10 @@ def main() -> None:
         start = time.time()
         bits = "int8" if v.startswith("a8") else "int4"
         kind = v.split("-")[-1]
+        GROUP["clip"] = 1.0
+        if kind.startswith("c"):  # token-c0.9: per token, ranges clipped to 90 %
+            GROUP["clip"], kind = float(kind[1:]), "token"
+        ROTATE["on"] = v.startswith("rot")
         GROUP["n"] = int(kind[1:]) if kind.startswith("g") else 0
         if kind == "static":
             recipe = get_recipe("w8a4").replace(
