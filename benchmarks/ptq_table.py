@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from diffquant import quantize
+from diffquant import load_quantized, quantize, save_quantized
 from diffquant.eval import Evaluator, extract_features, paired_fd_gap_interval, psnr
 from diffquant.eval.evaluate import load_reference
 from diffquant.models import DENOISERS, load_builtin
@@ -165,6 +165,16 @@ def main() -> None:
         "--rows", nargs="+", default=None, metavar="BITS:METHOD", help="explicit rows (instead of --bits x --methods)"
     )
     parser.add_argument("--seed-noise", action="store_true", help="add an FP row from other seeds (FD noise)")
+    parser.add_argument(
+        "--models-dir", type=Path, default=None,
+        help="save each row's quantized model here (MODEL_BITS_METHOD/), and load it instead of quantizing "
+        "when it is there: a row evaluated with another --sampler is the same model, not refitted",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lowered", type=int, default=0, metavar="N",
+        help="also sample the first N images with the model lowered to the CPU integer backend and record "
+        "their PSNR against the reference path's images (psnr_lowered_vs_reference)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/ptq_table_n{N})")
     args = parser.parse_args()
     suffix = "" if (args.sampler, args.steps) == ("ddim", 50) else f"_{args.sampler}{args.steps}"
@@ -235,7 +245,15 @@ def main() -> None:
             if (name, bits, method, weight_method({"recipe": recipe.to_dict()})) in done:
                 continue
             start = time.perf_counter()
-            model = quantize(load_builtin(name), recipe, progress=False)
+            saved = args.models_dir / f"{name}_{bits}_{method}" if args.models_dir else None
+            if saved is not None and (saved / "meta.json").is_file():
+                model = load_quantized(saved)
+                loaded_from = str(saved)
+            else:
+                model = quantize(load_builtin(name), recipe, progress=False)
+                loaded_from = None
+                if saved is not None:
+                    save_quantized(model, saved, name)
             calib_seconds = time.perf_counter() - start
             sample_start = time.perf_counter()
             images, _ = sample(model, **kw)
@@ -253,6 +271,10 @@ def main() -> None:
                 recipe=model.diffquant_recipe.to_dict(),  # resolved: a budget's per-layer overrides included
                 peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),  # process so far
             )
+            if loaded_from is not None:  # not quantized in this run: its quantize time is not measured here
+                row.update(calib_seconds=None, loaded_from=loaded_from)
+            if args.lowered:
+                row["psnr_lowered_vs_reference"], row["lowering"] = lowered_psnr(model, images, kw, args.lowered)
             ft = model.diffquant_report.get("finetune")
             if ft:  # its cost and what it reached on the held-out trajectories
                 keep = ("iterations", "seconds", "held_before", "held_after", "best_step", "stopped")
@@ -260,6 +282,18 @@ def main() -> None:
             record["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
             save()
+
+
+def lowered_psnr(model, reference_images, kw: dict, n: int) -> tuple[float, str]:
+    """PSNR of the first ``n`` images sampled with ``model`` lowered to the CPU backend against the
+    reference path's images from the same noise, and the lowering report's summary line."""
+    import copy
+
+    from diffquant.backends import lower
+
+    lowered, report = lower(copy.deepcopy(model), "cpu")
+    images, _ = sample(lowered, **{**kw, "n": n})
+    return round(psnr(images, reference_images[:n]), 2), report.summary().splitlines()[0]
 
 
 def weight_method(row: dict) -> str:
@@ -312,6 +346,23 @@ def write_markdown(record: dict, path: Path) -> None:
                 f"| {r['bits']} | {r['method']} | {weight_method(r)} | {r['fd']:.4f} | {gap} | {iv} | {r['class_consistency']:.4f} | {p} | {ms} |"
             )
         lines.append("")
+        extra = [r for r in rows if r.get("finetune") or r.get("psnr_lowered_vs_reference") is not None]
+        if extra:  # what fine-tuning cost, and the rows' integer-backend images against their reference path
+            lines += [
+                "| bits | method | fine-tuning (s) | steps (best) | held-out loss before -> after | peak RSS (GB) | "
+                "CPU backend PSNR vs reference (dB) | lowering |",
+                "|---|---|---:|---:|---|---:|---:|---|",
+            ]
+            for r in extra:
+                ft = r.get("finetune") or {}
+                held = f"{ft['held_before']:.5f} -> {ft['held_after']:.5f}" if ft else ""
+                steps = f"{ft['iterations']} ({ft.get('best_step')})" if ft else ""
+                low = r.get("psnr_lowered_vs_reference")
+                lines.append(
+                    f"| {r['bits']} | {r['method']} | {ft.get('seconds', '')} | {steps} | {held} | "
+                    f"{r.get('peak_rss_gb', '')} | {'' if low is None else low} | {r.get('lowering', '')} |"
+                )
+            lines.append("")
     path.write_text("\n".join(lines))
 
 
