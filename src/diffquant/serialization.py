@@ -1,5 +1,10 @@
 """Save and load quantized models: a directory with ``model.safetensors``, ``recipe.json``, ``meta.json``.
 
+A quantized diffusers pipeline also holds ``pipeline/``: the pipeline's ``save_pretrained`` of its
+other components, its denoiser's ``config.json`` but not its float weights, so
+``load_quantized(dir)`` rebuilds the whole pipeline alone. A bare diffusers denoiser keeps its
+``config.json`` in ``denoiser/``.
+
 Writing goes to a temporary sibling directory that is renamed into place at the end, so an
 interrupted save never leaves a partial directory under the requested name.
 """
@@ -21,6 +26,8 @@ from diffquant.quantization_report import QuantizationReport
 from diffquant.recipe import Recipe
 
 FORMAT_VERSION = 1
+PIPELINE_DIR = "pipeline"  # a quantized pipeline's other components (diffusers' save_pretrained layout)
+DENOISER_CONFIG_DIR = "denoiser"  # a bare diffusers denoiser's config.json
 
 
 class QuantizedDirError(ValueError):
@@ -34,20 +41,23 @@ def save_quantized(
 
     Args:
         model: the quantized model (it carries ``diffquant_recipe``), or a diffusers pipeline whose
-            denoiser was quantized (the denoiser is saved; load it back onto a freshly built pipeline).
+            denoiser was quantized (the denoiser is saved with the pipeline's other components in
+            ``pipeline/``; ``load_quantized(out_dir)`` returns a runnable pipeline).
         out_dir: target directory; replaced if it exists.
         model_name: built-in model name, so :func:`load_quantized` can rebuild it alone.
         extra: more metadata for ``meta.json`` (e.g. calibration time).
     """
     from safetensors.torch import save_file
 
-    from diffquant.integrations.pipelines import denoiser_name, is_pipeline
+    from diffquant.integrations import uses_diffusers
+    from diffquant.integrations.pipelines import denoiser_name, is_pipeline, save_components
 
     extra = dict(extra or {})
-    if is_pipeline(model):  # a pipeline is saved as its quantized denoiser
-        component = denoiser_name(model)
-        extra.update(pipeline_class=type(model).__name__, component=component)
-        model = getattr(model, component)
+    pipe = None
+    if is_pipeline(model):  # a pipeline is saved as its quantized denoiser and its other components
+        pipe, component = model, denoiser_name(model)
+        extra.update(pipeline_class=type(pipe).__name__, component=component)
+        model = getattr(pipe, component)
     for attr, key in (("diffquant_timestep_scale", "timestep_scale"), ("diffquant_num_timesteps", "num_timesteps")):
         if getattr(model, attr, None) is not None:
             extra.setdefault(key, getattr(model, attr))
@@ -73,6 +83,10 @@ def save_quantized(
             meta["report"] = QuantizationReport.from_dict(report).to_dict()
         meta.update(extra)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if pipe is not None:
+            save_components(pipe, tmp / PIPELINE_DIR)
+        elif uses_diffusers(model) and hasattr(model, "save_config"):  # rebuilt from its config by load_quantized
+            model.save_config(str(tmp / DENOISER_CONFIG_DIR))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
         os.chmod(tmp / "model.safetensors", 0o644)
         if out_dir.exists():
@@ -133,15 +147,22 @@ def load_quantized(
     """Rebuild a quantized model from a directory written by :func:`save_quantized`.
 
     The model is built with its parameters on the ``meta`` device (the built-in model named in
-    ``meta.json``, or ``model()`` when ``model`` is a builder) and the saved integer weights, scales and
-    float parameters are assigned: no FP copy of the weights exists and nothing is quantized again.
+    ``meta.json``, a diffusers denoiser from its saved config, or ``model()`` when ``model`` is a
+    builder) and the saved integer weights, scales and float parameters are assigned: no FP copy of
+    the weights exists and nothing is quantized again.
 
     Args:
         path: the directory.
         model: a builder ``model()`` of the float architecture (called with empty weights), the float
             model itself (its weights are replaced), or a freshly built diffusers pipeline (its
             denoiser is loaded in place; the pipeline is returned). Default: the built-in model named
-            in ``meta.json``.
+            in ``meta.json``; for a saved pipeline the whole pipeline (its denoiser rebuilt from its
+            config, its other components from ``pipeline/``); for a bare diffusers denoiser, that
+            denoiser rebuilt from its config.
+
+    Example:
+        >>> pipe = diffquant.load_quantized("sd15-w8a8-tdq")   # doctest: +SKIP
+        >>> image = pipe("a photo of a cat").images[0]          # doctest: +SKIP
         num_timesteps: the model's ``T`` if not derivable from the model (or saved with it).
 
     Raises:
@@ -161,6 +182,10 @@ def load_quantized(
             raise QuantizedDirError(f"{path} holds a quantized {component!r}, which {type(pipe).__name__} has not.")
         load_quantized(path, getattr(pipe, component), num_timesteps)
         return pipe
+    if model is None and meta.get("pipeline_class"):
+        return _load_pipeline(path, meta, num_timesteps)
+    if model is None and (path / DENOISER_CONFIG_DIR / "config.json").is_file():
+        model = _diffusers_builder(path / DENOISER_CONFIG_DIR)
     num_timesteps = num_timesteps or meta.get("num_timesteps")
     on_meta = model is None or not isinstance(model, nn.Module)
     if model is None:
@@ -220,6 +245,35 @@ def load_quantized(
     if meta.get("report") is not None:
         model.diffquant_report = QuantizationReport.from_dict(meta["report"])
     return model.eval()
+
+
+def _diffusers_builder(config_dir: Path) -> Callable[[], nn.Module]:
+    from diffquant.integrations.pipelines import model_builder
+
+    try:
+        return model_builder(config_dir)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise QuantizedDirError(f"cannot rebuild the denoiser from {config_dir}/config.json: {e}") from e
+
+
+def _load_pipeline(path: Path, meta: dict, num_timesteps: int | None):
+    """The pipeline saved in ``path``: its denoiser rebuilt on ``meta`` and given its integer weights, the
+    other components loaded by diffusers from ``pipeline/``."""
+    from diffquant.integrations.pipelines import load_pipeline
+
+    folder = path / PIPELINE_DIR
+    component = meta.get("component") or "unet"
+    if not (folder / "model_index.json").is_file():
+        raise QuantizedDirError(
+            f"{path} holds a quantized {meta['pipeline_class']} {component} without the pipeline's other components "
+            f"({PIPELINE_DIR}/ is missing: it was saved by an older diffquant); load it onto a freshly built "
+            "pipeline with load_quantized(path, model=pipe), or quantize again."
+        )
+    denoiser = load_quantized(path, _diffusers_builder(folder / component), num_timesteps)
+    try:
+        return load_pipeline(folder, denoiser)
+    except (OSError, ValueError) as e:
+        raise QuantizedDirError(f"{path}: cannot load the pipeline's components from {folder}: {e}") from e
 
 
 def weight_bytes(model: nn.Module) -> int:

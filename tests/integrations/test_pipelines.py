@@ -247,3 +247,33 @@ def test_a_quantized_pipeline_runs_on_integer_kernels(backend, tmp_path):
     assert lowered is pipe and len(report.lowered) >= 10, report.summary()
     # integer kernels vs fake quant from identical noise (the VAE decodes both)
     assert psnr(torch.from_numpy(run(pipe, "sd")), torch.from_numpy(reference)) > 30
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_a_saved_pipeline_loads_by_itself_with_identical_images(kind, tmp_path):
+    pipe = build(kind, tmp_path)
+    quantize(pipe, "w8a8", CAL, progress=False, **conditioning(kind))
+    images = run(pipe, kind)
+    save_quantized(pipe, tmp_path / "q")
+    saved = tmp_path / "q" / "pipeline"
+    component = "unet" if kind == "sd" else "transformer"
+    assert (saved / "model_index.json").is_file() and (saved / "vae" / "config.json").is_file()
+    # the denoiser's config is there, its float weights are not (the quantized ones are in model.safetensors)
+    assert [p.name for p in (saved / component).iterdir()] == ["config.json"]
+    loaded = load_quantized(tmp_path / "q")
+    assert type(loaded) is type(pipe) and loaded is not pipe
+    q = denoiser(loaded)
+    assert not any(t.is_meta for t in (*q.parameters(), *q.buffers()))
+    assert any(isinstance(m, QuantModule) for m in q.modules())
+    np.testing.assert_array_equal(run(loaded, kind), images)
+
+
+def test_a_pipeline_saved_without_its_components_says_how_to_load_it(tmp_path):
+    pipe = quantize(tiny_dit_pipeline(), "w8a8-dynamic", progress=False)
+    save_quantized(pipe, tmp_path / "q")
+    import shutil
+
+    shutil.rmtree(tmp_path / "q" / "pipeline")
+    with pytest.raises(QuantizedDirError, match=r"pipeline/ is missing.*model=pipe"):
+        load_quantized(tmp_path / "q")
+    assert load_quantized(tmp_path / "q", model=tiny_dit_pipeline()) is not None

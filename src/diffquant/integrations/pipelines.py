@@ -14,13 +14,20 @@ own time-step argument (the hook of :func:`diffquant.quantize.prepare`); pipelin
 rescaled time step (Flux passes ``t / 1000``) are detected on the first calibration call and the
 factor is kept as ``diffquant_timestep_scale`` (saved with the model).
 
+A quantized pipeline is saved as its quantized denoiser plus the pipeline's other components
+(:func:`save_components`, the pipeline's own ``save_pretrained`` with the denoiser's config but not
+its float weights); :func:`load_pipeline` loads those components around the rebuilt denoiser.
+
 This module never imports diffusers at import time; pipelines are recognised by their class's MRO.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,9 +55,19 @@ def denoiser_name(pipe) -> str:
     )
 
 
+def call_parameters(pipe) -> set[str]:
+    """The keyword names the pipeline's ``__call__`` takes."""
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def is_text_conditioned(pipe) -> bool:
+    """Whether the pipeline is called with a ``prompt`` (Stable Diffusion, PixArt, SD3, Flux...)."""
+    return "prompt" in call_parameters(pipe)
+
+
 def _conditioning(pipe, prompts, class_labels) -> Callable[[int, int], dict]:
     """``cond(lo, hi)``: the pipeline-call keywords that condition calibration samples ``lo..hi-1``."""
-    params = inspect.signature(pipe.__call__).parameters
+    params = call_parameters(pipe)
     if "prompt" in params:
         if not prompts:
             raise ValueError(
@@ -156,3 +173,60 @@ class PipelineRunner:
         traj.timesteps = ints
         traj.timestep_scale = scale[0] if scale else 1.0
         return traj
+
+
+@contextlib.contextmanager
+def _config_only(model: nn.Module):
+    """Inside the block ``model.save_pretrained(dir)`` writes the model's ``config.json`` and no weights."""
+    model.save_pretrained = lambda save_directory, **kwargs: model.save_config(save_directory)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
+
+
+def save_components(pipe, directory: str | os.PathLike) -> Path:
+    """Write ``pipe`` with its own ``save_pretrained`` into ``directory``, except the denoiser's weights.
+
+    The denoiser's folder gets its ``config.json`` only (its quantized weights are saved by
+    :func:`diffquant.save_quantized`); every other component (VAE, text encoders, tokenizers,
+    scheduler) and ``model_index.json`` are what diffusers writes.
+    """
+    component = denoiser_name(pipe)
+    with _config_only(getattr(pipe, component)):
+        pipe.save_pretrained(str(directory))
+    return Path(directory)
+
+
+def diffusers_model_class(class_name: str | None):
+    """The diffusers model class called ``class_name`` (a ``ModelMixin``), or ``None`` if there is none."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) and class_name.isidentifier() else None
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
+
+
+def model_builder(config_dir: str | os.PathLike) -> Callable[[], nn.Module]:
+    """A builder of the diffusers model whose ``config.json`` is in ``config_dir`` (random weights: build it
+    inside :func:`diffquant.serialization.empty_weights` to have none)."""
+    import json
+
+    path = Path(config_dir) / "config.json"
+    config = json.loads(path.read_text())
+    cls = diffusers_model_class(config.get("_class_name"))
+    if cls is None:
+        raise ValueError(f"{path}: _class_name {config.get('_class_name')!r} is not a diffusers model class")
+    return lambda: cls.from_config(config)
+
+
+def load_pipeline(directory: str | os.PathLike, denoiser: nn.Module):
+    """Load the pipeline saved by :func:`save_components` in ``directory`` around ``denoiser``."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    component = next((name for name in DENOISERS if name in index), None)
+    if component is None:
+        raise UnsupportedModelError(f"{directory}/model_index.json names no {' or '.join(DENOISERS)}")
+    return DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **{component: denoiser})
