@@ -70,6 +70,10 @@ def _model_or_quantized(name: str | None, weights: Path | None, quantized: Path 
 
     meta, _ = _run(read_meta, quantized)
     saved = meta.get("model")
+    if saved is None and meta.get("model_class"):  # a diffusers folder's model, not a built-in one
+        what = meta.get("pipeline_class") or meta["model_class"]
+        run_it = ' (`diffquant sample --quantized DIR --prompt "..."` runs it)' if meta.get("pipeline_class") else ""
+        _fail(f"{quantized} holds a quantized {what}{run_it}; this command runs the built-in models only.")
     if name is not None and saved is not None and name != saved:
         _fail(f"{quantized} holds a quantized {saved}, not {name}; drop --model or pass the matching directory.")
     name = saved or name or DEFAULT_MODEL
@@ -88,7 +92,16 @@ def _threads(threads: int | None) -> None:
 
 
 DEFAULT_MODEL = "fashion-unet"
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"Built-in denoiser: {', '.join(DENOISERS)}.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Built-in denoiser ({', '.join(DENOISERS)}), a diffusers pipeline folder (model_index.json), a "
+        "UNet / transformer folder (config.json with a diffusers _class_name), or a hub id org/name found in "
+        "the local Hugging Face cache (nothing is downloaded).",
+    ),
+]
 ModelOrSavedOpt = Annotated[
     str | None,
     typer.Option(
@@ -138,30 +151,78 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model
 @app.command()
 def sample(
     model: ModelOrSavedOpt = None,
-    n: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    n: Annotated[int | None, typer.Option(help="Number of images (default 64; 1 for a pipeline).")] = None,
     steps: StepsOpt = 50,
-    sampler: SamplerOpt = "ddim",
+    sampler: Annotated[
+        str | None, typer.Option(help="ddim (eta 0, the default), ddpm or dpmsolver++; a pipeline uses its scheduler.")
+    ] = None,
     seed: SeedOpt = 0,
-    guidance: GuidanceOpt = 1.0,
-    out: Annotated[Path, typer.Option(help="Output PNG grid.")] = Path("grid.png"),
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="Classifier-free guidance scale (1 = off; default 1, a pipeline's own)."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="The prompt of a quantized text-to-image pipeline (--quantized DIR).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output PNG: a grid, or the image itself for one pipeline image.")] = Path(
+        "grid.png"
+    ),
     ncol: Annotated[int, typer.Option(help="Images per grid row.")] = 10,
-    batch_size: BatchOpt = 250,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per model call (default 250; 8 for a pipeline; does not change results).")
+    ] = None,
     quantized: QuantizedOpt = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
 ):
-    """Sample a grid of images from a built-in model (classes balanced: image i has class i % 10).
+    """Sample a grid of images from a built-in model (classes balanced: image i has class i % 10), or
+    images from a quantized diffusers pipeline (from `diffquant quantize --model FOLDER`).
 
     Example: diffquant sample --model fashion-unet --n 64 --steps 50 --out grid.png
+
+    A quantized pipeline directory loads by itself (its other components are saved with it); image i
+    starts from the seed seed * 1000003 + i, so the same command gives the same images:
+
+    Example: diffquant sample --quantized sd-w8a8 --prompt "a red shoe" --steps 30 --out img.png
     """
     from diffquant.report import save_grid
     from diffquant.sampling import sample as sample_images
 
     _threads(threads)
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}.")
+    if quantized is not None and _meta(quantized).get("pipeline_class"):
+        from diffquant.integrations.pipelines import sample_pipeline, save_images
+        from diffquant.serialization import load_quantized
+
+        if model is not None or weights is not None or sampler is not None:
+            _fail(
+                f"{quantized} is a whole pipeline: leave out --model, --weights and --sampler (it has its scheduler)."
+            )
+        n = 1 if n is None else n
+        pipe = _run(load_quantized, quantized)
+        pipe.set_progress_bar_config(disable=True)
+        images = _run(sample_pipeline, pipe, n, steps, seed, prompt, guidance, batch_size or 8)
+        _run(save_images, images, out, ncol=ncol)
+        typer.echo(f"wrote {out} ({n} images, {type(pipe).__name__}, {steps} steps, seed {seed})")
+        return
+    if prompt is not None:
+        _fail("--prompt applies to a quantized text-to-image pipeline (--quantized DIR); built-in models take classes.")
+    n, sampler = 64 if n is None else n, sampler or "ddim"
     m, _, _ = _model_or_quantized(model, weights, quantized)
-    images, _ = _run(sample_images, m, n, steps, sampler, seed, guidance_scale=guidance, batch_size=batch_size)
+    images, _ = _run(
+        sample_images, m, n, steps, sampler, seed, guidance_scale=1.0 if guidance is None else guidance,
+        batch_size=batch_size or 250,
+    )  # fmt: skip
     _run(save_grid, images, out, ncol=ncol)
     typer.echo(f"wrote {out} ({n} images, {sampler}-{steps}, seed {seed})")
+
+
+def _meta(quantized: Path) -> dict:
+    """The ``meta.json`` of a quantized directory (one error line when it is not one)."""
+    from diffquant.serialization import read_meta
+
+    return _run(read_meta, quantized)[0]
 
 
 @app.command("eval")
@@ -273,11 +334,23 @@ def quantize_cmd(
         Path | None,
         typer.Option(help="Fine-tuning recipes: a directory for resumable checkpoints; the same command resumes."),
     ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text-conditioned pipelines: a text file of calibration prompts, one per line."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")] = False,
 ):
-    """Quantize a built-in model with a recipe, calibrating on its own sampling trajectory.
+    """Quantize a model with a recipe, calibrating on its own sampling trajectory.
 
     Example: diffquant quantize --model fashion-unet --recipe w8a8 --out unet-w8a8
+
+    A diffusers pipeline folder (or a hub id in the local cache) calibrates by running the pipeline
+    (its scheduler, text encoder, guidance) on the prompts of --prompts; the output directory holds
+    the whole pipeline (`diffquant sample --quantized DIR --prompt "..."` runs it). A bare UNet or
+    transformer folder calibrates on random latents and random conditioning, a stand-in for its
+    pipeline (quantize the pipeline folder when you have it):
+
+    Example: diffquant quantize --model ./my-sd-pipeline --prompts prompts.txt --recipe w8a8 --out sd-w8a8
 
     Recipes ending in -ft fine-tune the quantized model after calibration, distilled from the FP
     model on its own trajectory (minutes on a CPU):
@@ -292,6 +365,7 @@ def quantize_cmd(
 
     from diffquant import quantize, save_quantized
     from diffquant.eval.distributed import init_from_env, rank_and_world
+    from diffquant.integrations.pipelines import denoiser_name, is_pipeline
     from diffquant.recipe import Recipe, get_recipe
     from diffquant.serialization import weight_bytes
 
@@ -310,21 +384,69 @@ def quantize_cmd(
         changes["finetune"] = {"max_minutes": max_minutes}
     if changes:
         r = _run(r.replace, **changes)
-    m = _denoiser(model, weights)
+    builtin = model in BUILTIN_MODELS
+    m, folder = (_denoiser(model, weights), None) if builtin else _folder_model(model, weights)
     start = time.perf_counter()
-    fp_bytes = weight_bytes(m)
+    fp_bytes = weight_bytes(getattr(m, denoiser_name(m)) if is_pipeline(m) else m)
+    calibration = _calibration(m, r, prompts, model, folder)
     init_from_env()  # torchrun: every rank quantizes the same (seeded) model, fine-tuning splits its batches
-    q = _run(quantize, m, r, progress=not as_json, checkpoint=checkpoint)
+    q = _run(quantize, m, r, progress=not as_json, checkpoint=checkpoint, **calibration)
     seconds = round(time.perf_counter() - start, 1)
     if rank_and_world()[0] != 0:
         return
-    _run(save_quantized, q, out, model, {"quantize_seconds": seconds})
+    extra = {"quantize_seconds": seconds} | ({} if builtin else {"source": model})
+    _run(save_quantized, q, out, model if builtin else None, extra)
+    if is_pipeline(q):
+        q = getattr(q, denoiser_name(q))
     if as_json:
         q_bytes = weight_bytes(q)
         info = {"out": str(out), "model": model, "recipe": r.name, "seconds": seconds, "fp_weight_bytes": fp_bytes}
         typer.echo(json.dumps(info | {"q_weight_bytes": q_bytes, "q_weight_ratio": round(q_bytes / fp_bytes, 4)}))
     else:
         typer.echo(f"wrote {out} ({r.name}, {seconds} s)")
+
+
+def _folder_model(source: str, weights: Path | None):
+    """``(pipeline or model, folder)`` of a diffusers folder or cached hub id given as ``--model``."""
+    from diffquant.integrations.folders import load_folder, resolve
+
+    if weights is not None:
+        _fail("--weights applies to the built-in models; a diffusers folder brings its own weights.")
+    folder = _run(resolve, source)
+    return _run(load_folder, folder, source), folder
+
+
+def _calibration(model, recipe, prompts: Path | None, source: str, folder: Path | None) -> dict:
+    """The keywords of ``quantize`` that calibrate ``model``: prompts for a text-conditioned pipeline, the
+    stand-in random-latent loop for a bare diffusers denoiser (from ``folder``), nothing for a built-in model."""
+    from diffquant.integrations.folders import random_latent_sampler, read_prompts, scheduler_for
+    from diffquant.integrations.pipelines import is_pipeline, is_text_conditioned
+    from diffquant.quantize import selections
+
+    if is_pipeline(model):
+        text = is_text_conditioned(model)
+        if text and prompts is None:
+            _fail(f"{source} is a text-conditioned {type(model).__name__}: pass --prompts FILE (one prompt per line).")
+        if prompts is not None and not text:
+            _fail(f"--prompts applies to text-conditioned pipelines; {type(model).__name__} takes no prompt.")
+        return {"prompts": _run(read_prompts, prompts)} if text else {}
+    if prompts is not None and folder is None:
+        _fail(f"--prompts applies to text-conditioned diffusers pipelines; {source} is a class-conditional built-in.")
+    if prompts is not None:
+        _fail(f"--prompts needs a pipeline's text encoder, and {source} is a bare denoiser; pass its pipeline folder.")
+    if folder is None:
+        return {}  # a built-in model samples its own trajectory
+    scheduler = _run(scheduler_for, folder)
+    T = int(scheduler.config.num_train_timesteps)
+    model.diffquant_num_timesteps = T  # saved with the model: its per-step tables span T steps
+    if not selections(recipe):  # a data-free recipe: nothing to run
+        return {"num_timesteps": T}
+    typer.echo(
+        f"note: {source} is a bare {type(model).__name__}: calibrating on random latents and random conditioning, "
+        "a stand-in for its pipeline (quantize the pipeline folder to calibrate on real prompts)",
+        err=True,
+    )
+    return {"calibration": _run(random_latent_sampler, model, recipe.calibration, scheduler), "num_timesteps": T}
 
 
 @app.command()

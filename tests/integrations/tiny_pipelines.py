@@ -85,3 +85,31 @@ def tiny_dit_pipeline(seed: int = 0):
         if isinstance(module, torch.nn.Module):
             module.eval()  # as from_pretrained leaves them (DiT's label dropout is live in train mode)
     return pipe
+
+
+def tiny_unet2d():
+    """A class-conditional pixel-space UNet2DModel with attention (a bare model, no pipeline)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32, num_class_embeds=10,
+    )  # fmt: skip
+
+
+def save_tiny(kind: str, directory: Path) -> Path:
+    """Write a tiny diffusers folder as ``save_pretrained`` does: ``sd`` or ``dit`` (pipelines), ``unet``
+    (the SD pipeline's bare UNet2DConditionModel) or ``unet2d`` (a bare UNet2DModel)."""
+    if kind == "sd":
+        tiny_sd_pipeline(directory.parent / f".{directory.name}-tokenizer").save_pretrained(str(directory))
+    elif kind == "dit":
+        tiny_dit_pipeline().save_pretrained(str(directory))
+    elif kind == "unet":
+        tiny_sd_pipeline(directory.parent / f".{directory.name}-tokenizer").unet.save_pretrained(str(directory))
+    elif kind == "unet2d":
+        tiny_unet2d().save_pretrained(str(directory))
+    else:
+        raise ValueError(kind)
+    return directory

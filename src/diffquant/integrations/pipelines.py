@@ -230,3 +230,72 @@ def load_pipeline(directory: str | os.PathLike, denoiser: nn.Module):
     if component is None:
         raise UnsupportedModelError(f"{directory}/model_index.json names no {' or '.join(DENOISERS)}")
     return DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **{component: denoiser})
+
+
+def sample_pipeline(
+    pipe,
+    n: int = 1,
+    steps: int = 50,
+    seed: int = 0,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+):
+    """``n`` images from a pipeline, ``(n, H, W, C)`` floats in ``[0, 1]`` (diffusers' ``output_type="np"``).
+
+    Image ``i`` starts from ``torch.Generator().manual_seed(seed * 1_000_003 + i)``; a text-conditioned
+    pipeline draws every image from ``prompt``, a class-conditional one (DiT) gives image ``i`` class ``i``.
+
+    Args:
+        pipe: a diffusers pipeline (quantized or not).
+        n: number of images.
+        steps: the pipeline's ``num_inference_steps``.
+        seed: base seed.
+        prompt: the prompt of a text-conditioned pipeline (required there, refused elsewhere).
+        guidance_scale: classifier-free guidance (default: the pipeline's own).
+        batch_size: images per pipeline call.
+    """
+    import numpy as np
+
+    params = call_parameters(pipe)
+    if n < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"n, steps and batch_size must be at least 1, got {n}, {steps} and {batch_size}")
+    if "prompt" in params and not prompt:
+        raise ValueError(f'{type(pipe).__name__} is text-conditioned: pass a prompt (--prompt "...")')
+    if "prompt" not in params and prompt is not None:
+        raise ValueError(f"{type(pipe).__name__} takes no prompt; leave --prompt out")
+    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    if extra and "guidance_scale" not in params:
+        raise ValueError(f"{type(pipe).__name__} takes no guidance scale; leave --guidance out")
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        if "prompt" in params:
+            cond = {"prompt": [prompt] * (hi - lo)}
+        elif "class_labels" in params:
+            classes = getattr(getattr(pipe, denoiser_name(pipe)).config, "num_embeds_ada_norm", None) or 1000
+            cond = {"class_labels": [i % classes for i in range(lo, hi)]}
+        else:
+            cond = {"batch_size": hi - lo}
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(lo, hi)]
+        result = pipe(**cond, num_inference_steps=steps, generator=generators, output_type="np", **extra)
+        out.append(np.asarray(result.images, dtype=np.float32))
+    return np.concatenate(out)
+
+
+def save_images(images, path: str | os.PathLike, ncol: int = 8) -> Path:
+    """Write ``(n, H, W, C)`` images in ``[0, 1]`` as one PNG (the image itself for ``n = 1``, else a grid),
+    through a temporary file renamed into place."""
+    from PIL import Image
+
+    from diffquant.report.grid import save_grid
+
+    path = Path(path)
+    if len(images) > 1:
+        return save_grid(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, path, ncol=ncol, upscale=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pixels = (images[0] * 255).round().clip(0, 255).astype("uint8")
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
