@@ -196,3 +196,13 @@ def test_a_quantized_pipeline_directory_is_refused_by_the_built_in_commands(fold
     assert_user_error(
         run("sample", "--quantized", str(q), "--sampler", "ddpm"), "leave out --model, --weights and --sampler"
     )
+
+
+def test_a_pipelines_unet_folder_calibrates_with_the_scheduler_beside_it(folders, tmp_path):
+    from diffquant.integrations.folders import scheduler_for
+
+    assert scheduler_for(folders["sd"] / "unet").config.beta_schedule == "scaled_linear"  # the tiny SD's own
+    assert scheduler_for(folders["unet"]).config.beta_schedule == "linear"  # no scheduler/ beside it: defaults
+    result = quantize_cli(folders, str(folders["sd"] / "unet"), tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "q" / "meta.json").read_text())["model_class"] == "UNet2DConditionModel"
