@@ -214,7 +214,7 @@ class OutputFitConfig:
             raise ValueError(f"output fit tdq_lr must be > 0, got {self.tdq_lr}")
 
 
-FINETUNE_TRAIN = ("lora", "scales", "weight_scales")
+FINETUNE_TRAIN = ("lora", "weights", "scales", "weight_scales")
 
 
 @dataclass(frozen=True)
@@ -233,9 +233,12 @@ class FinetuneConfig:
         lr: AdamW learning rate of the LoRA factors (peak: a linear warm-up over ``warmup`` steps,
             then a cosine decay to a tenth at the last step; the scales follow the same schedule).
         scale_lr: Adam learning rate of the activation step sizes (log-space: a relative change).
+        weight_lr: AdamW learning rate of the float weights when ``train`` has ``weights``.
         warmup: warm-up steps of the learning rates.
         train: what is trained: ``lora`` (QALoRA: the adapters, added before the weight
-            fake-quant), ``scales`` (the activations' LSQ step sizes per quantizer and per step
+            fake-quant), ``weights`` (the quantized layers' float weights themselves, full QAT with
+            straight-through rounding, at ``weight_lr``: every weight's Adam state in memory, for
+            small models and ternary / binary weights, which a low-rank update moves little), ``scales`` (the activations' LSQ step sizes per quantizer and per step
             bucket, or the TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
             channel or group; not by default: on a toy denoiser with int2 weights its gradient
             raised the loss even on a single full batch, while activation scales lowered it).
@@ -255,6 +258,7 @@ class FinetuneConfig:
     rank: int = 32
     lr: float = 5e-4
     scale_lr: float = 1e-3
+    weight_lr: float = 1e-4
     warmup: int = 50
     train: tuple[str, ...] = ("lora", "scales")
     eval_every: int = 250
@@ -268,8 +272,10 @@ class FinetuneConfig:
             raise ValueError("finetune samples, batch and rank must be >= 1, iterations and checkpoint_every >= 0")
         if self.eval_every < 0 or self.warmup < 0:
             raise ValueError(f"finetune eval_every and warmup must be >= 0, got {self.eval_every}, {self.warmup}")
-        if not (self.lr > 0 and self.scale_lr > 0):
-            raise ValueError(f"finetune lr and scale_lr must be > 0, got {self.lr}, {self.scale_lr}")
+        if not (self.lr > 0 and self.scale_lr > 0 and self.weight_lr > 0):
+            raise ValueError(
+                f"finetune lr, scale_lr and weight_lr must be > 0, got {self.lr}, {self.scale_lr}, {self.weight_lr}"
+            )
         if not self.train or set(self.train) - set(FINETUNE_TRAIN):
             raise ValueError(f"finetune train must name some of {FINETUNE_TRAIN}, got {self.train}")
         if self.max_minutes is not None and not self.max_minutes > 0:

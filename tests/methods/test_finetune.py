@@ -1,6 +1,7 @@
 """Quantization-aware fine-tuning: QALoRA merge, distillation on the recorded trajectory, resume, NaN."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -57,6 +58,29 @@ def test_finetuning_lowers_the_held_out_distillation_loss(recorded):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # the integers moved
     assert all(m.lora is None and m.frozen for m in quant_modules(q) if m.weight_qtype is not None)
     assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_full_weight_finetuning_trains_the_float_weights_of_ternary_layers(recorded, tmp_path):
+    """``train=("weights",)``: no adapters, the float weights move (re-quantized when frozen), and a
+    checkpoint carries them: a run stopped and resumed equals an uninterrupted one."""
+    fp, trajectory = recorded
+    ternary = INT2.replace(name="w2a4-ternary", weights="ternary")
+    config = dataclasses.replace(FAST, train=("weights",), weight_lr=3e-3, iterations=60)
+    q = quantize(copy.deepcopy(fp), ternary, trajectory, progress=False)
+    before = [m.integer_weight().clone() for m in quant_modules(q) if m.weight_qtype is not None]
+    whole = copy.deepcopy(q)
+    report = finetune(whole, trajectory, config, progress=False)
+    assert report["trained"]["weights"] == len(before) and report["trained"]["lora_layers"] == 0
+    assert report["held_after"] < 0.8 * report["held_before"], report
+    stopped = dataclasses.replace(config, max_minutes=1e-9)  # stopped after its first step, the same schedule
+    assert finetune(copy.deepcopy(q), trajectory, stopped, checkpoint=tmp_path, progress=False)["stopped"]
+    resumed = copy.deepcopy(q)
+    assert finetune(resumed, trajectory, config, checkpoint=tmp_path, progress=False)["resumed_at"] > 0
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    diffquant.freeze(whole)
+    after = [m.integer_weight() for m in quant_modules(whole) if m.weight_qtype is not None]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # the ternary codes moved
 
 
 def test_a_recipe_with_finetuning_quantizes_saves_and_loads(recorded, tmp_path):

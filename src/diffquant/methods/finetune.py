@@ -8,6 +8,8 @@ What trains (``FinetuneConfig.train``):
 - ``lora``: QALoRA (:mod:`diffquant.nn.lora`) on every quantized Conv2d / Linear, added to the
   float weight before its fake-quant (straight-through rounding); merged into the weight at the end,
   so the model is integer weights and scales again with no extra inference cost.
+- ``weights``: the quantized layers' float weights themselves (full QAT, straight-through rounding),
+  re-quantized when the model is frozen; what ternary and binary weights need on small models.
 - ``scales``: LSQ step sizes, as log-multipliers (a relative change, one learning rate for every
   layer): each static / bucketed activation quantizer's scale per bucket (one bucket per step is
   EfficientDM's TALSQ table), each TDQ quantizer's generator itself (the learnable mode TDQ was built
@@ -111,6 +113,9 @@ class Trainables:
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters = L.attach(model, config.rank, config.seed) if "lora" in config.train else []
+        self.weights = [
+            m.weight for m in quant_modules(model) if "weights" in config.train and m.weight_qtype is not None
+        ]
         self.act, self.tdq, self.weight = [], [], []
         if "scales" in config.train:
             for q in act_quantizers(model):
@@ -137,21 +142,26 @@ class Trainables:
         for p in gen:
             p.requires_grad_(True)
         scales = [q.scale_offset for q in self.act] + [m.weight_scale_offset for m in self.weight]
+        for p in self.weights:
+            p.requires_grad_(True)
         out = []
         if lora:
             out.append({"params": lora, "lr": self.config.lr, "weight_decay": 0.0})
+        if self.weights:
+            out.append({"params": self.weights, "lr": self.config.weight_lr, "weight_decay": 0.0})
         if scales or gen:
             out.append({"params": scales + gen, "lr": self.config.scale_lr, "weight_decay": 0.0})
         return out
 
     def state(self) -> dict:
-        """What a checkpoint holds of the model: adapters, scale offsets, TDQ generators."""
+        """What a checkpoint holds of the model: adapters, trained weights, scale offsets, TDQ generators."""
 
         def copied(module: nn.Module) -> dict:  # a snapshot: state_dict() shares the live storage
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
         return {
             "lora": [copied(a) for a in self.adapters],
+            "weights": [w.detach().clone() for w in self.weights],
             "act": [q.scale_offset.detach().clone() for q in self.act],
             "weight": [m.weight_scale_offset.detach().clone() for m in self.weight],
             "tdq": [copied(q.generator) for q in self.tdq],
@@ -161,6 +171,8 @@ class Trainables:
     def load(self, state: dict) -> None:
         for a, s in zip(self.adapters, state["lora"], strict=True):
             a.load_state_dict(s)
+        for w, s in zip(self.weights, state.get("weights", []), strict=True):
+            w.copy_(s)
         for q, s in zip(self.act, state["act"], strict=True):
             q.scale_offset.copy_(s)
         for m, s in zip(self.weight, state["weight"], strict=True):
@@ -274,7 +286,7 @@ def finetune(
         trainables = Trainables(model, config)
         groups = trainables.groups()
         trained = {
-            "lora_layers": len(trainables.adapters), "act_scales": len(trainables.act),
+            "lora_layers": len(trainables.adapters), "weights": len(trainables.weights), "act_scales": len(trainables.act),
             "tdq_generators": len(trainables.tdq), "weight_scales": len(trainables.weight),
         }  # fmt: skip
         opt = torch.optim.AdamW(groups) if groups else None
