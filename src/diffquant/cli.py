@@ -169,7 +169,10 @@ def sample(
     ),
     ncol: Annotated[int, typer.Option(help="Images per grid row.")] = 10,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per model call (default 250; 8 for a pipeline; does not change results).")
+        int | None,
+        typer.Option(
+            help="Images per model call (default 250, results unchanged by it; a pipeline: 8, last bits may change)."
+        ),
     ] = None,
     quantized: QuantizedOpt = None,
     weights: WeightsOpt = None,

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from safetensors.torch import load_file
+from transformers.utils import logging as transformers_logging
 
 from diffquant import CalibrationConfig, Recipe, load_quantized, quantize
 from diffquant.denoiser import UnsupportedModelError
@@ -21,6 +23,11 @@ from diffquant.nn import QuantModule
 from diffquant.trajectory import recording
 from tests.integrations.tiny_pipelines import PROMPTS, save_tiny, tiny_unet2d
 from tests.test_cli import assert_user_error, run
+
+# diffusers and transformers bind their log handler to sys.stderr when first used: bind it now, at collection,
+# to the real stream, not to the CliRunner's of whichever test first imports them (closed after that run)
+diffusers_logging.get_logger("diffusers")
+transformers_logging.get_logger("transformers")
 
 # a tiny calibration (2 trajectories of 3 steps), as a recipe file the CLI reads
 RECIPE = {"name": "w8a8-tiny", "calibration": {"steps": 3, "n_samples": 2, "batch_size": 2, "every": 1}}
