@@ -389,6 +389,8 @@ def quantize_cmd(
         r = _run(r.replace, **changes)
     builtin = model in BUILTIN_MODELS
     m, folder = (_denoiser(model, weights), None) if builtin else _folder_model(model, weights)
+    if folder is not None and (out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents):
+        _fail(f"--out {out} would replace the folder the model comes from ({folder}); choose another --out.")
     start = time.perf_counter()
     fp_bytes = weight_bytes(getattr(m, denoiser_name(m)) if is_pipeline(m) else m)
     calibration = _calibration(m, r, prompts, model, folder)

@@ -188,6 +188,9 @@ def test_bad_prompts_and_options_are_one_error_line(folders, tmp_path):
     assert_user_error(run("quantize", "--model", unet, "--weights", str(tmp_path / "w.safetensors"), "--out", out),
                       "--weights applies to the built-in models")  # fmt: skip
     assert_user_error(run("quantize", "--model", "sd15", "--out", out), "'sd15'", "fashion-unet", "hub id")
+    for into in (folders["unet"], folders["unet"].parent):  # the model's own folder is never replaced
+        assert_user_error(run("quantize", "--model", unet, "--out", str(into)), "would replace the folder")
+    assert (folders["unet"] / "config.json").is_file()
     assert not (tmp_path / "q").exists()
     assert read_prompts(folders["prompts"]) == PROMPTS[:2]
     with pytest.raises(ModelSourceError, match="not a folder"):
