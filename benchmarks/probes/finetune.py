@@ -33,6 +33,25 @@ from diffquant.sampling import sample
 OUT = Path(__file__).parents[1] / "results" / "finetune_probe.jsonl"
 
 
+def group_activations(g: int) -> None:
+    """Dynamic per-token fake quant with one scale per group of ``g`` channels of each token (probe only:
+    the library has no such mode; a layer whose channels ``g`` does not divide keeps per token)."""
+    import diffquant.nn.quantizer as Q
+    from diffquant import primitives as P
+
+    plain = P.dynamic_fake_quant
+
+    def grouped(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
+        c = x.shape[channel_dim]
+        if granularity != "token" or c % g:
+            return plain(x, qtype, granularity, symmetric, channel_dim)
+        xt = x.movedim(channel_dim, -1)
+        y = plain(xt.reshape(*xt.shape[:-1], c // g, g), qtype, "token", symmetric, -1)
+        return y.reshape(xt.shape).movedim(-1, channel_dim)
+
+    Q.P.dynamic_fake_quant = grouped
+
+
 def parse(setting: str):
     name, *changes = setting.split("+")
     recipe = get_recipe(name)
@@ -42,6 +61,10 @@ def parse(setting: str):
     recipe_fields = {f.name: f.type for f in dataclasses.fields(type(recipe))}
     for change in changes:
         key, value = change.split("=")
+        if key == "act_group":  # probe only: per-token scales per group of this many channels (monkeypatched)
+            group_activations(int(value))
+            recipe_kw["act_group"] = value
+            continue
         if key not in fields and key in recipe_fields and key != "finetune":  # a recipe field (str / int / float)
             default = getattr(recipe, key)
             recipe_kw[key] = value if isinstance(default, str) else type(default)(value)
@@ -56,7 +79,8 @@ def parse(setting: str):
         else:
             kw[key] = type(default)(value)
     if recipe_kw:
-        recipe = recipe.replace(name=recipe.name + "".join(f"+{k}={v}" for k, v in recipe_kw.items()), **recipe_kw)
+        label = recipe.name + "".join(f"+{k}={v}" for k, v in recipe_kw.items())
+        recipe = recipe.replace(name=label, **{k: v for k, v in recipe_kw.items() if k != "act_group"})
     return recipe, dataclasses.replace(config, **kw)
 
 
@@ -67,10 +91,19 @@ def main() -> None:
     kw = dict(n=n, steps=50, sampler="ddim", seed=0, progress=False)
     fp, _ = fp_images(model_name, n)
 
-    def score(model) -> dict:
+    def score(model, lowered: int = 0) -> dict:
         images, labels = sample(model, **kw)
         s = evaluator.score(images, labels)
-        return {"fd": round(s["fd"], 4), "cc": round(s["class_consistency"], 3), "psnr": round(psnr(images, fp), 2)}
+        out = {"fd": round(s["fd"], 4), "cc": round(s["class_consistency"], 3), "psnr": round(psnr(images, fp), 2)}
+        if lowered:  # the first images again on the CPU integer backend, against the reference path's
+            import copy
+
+            from diffquant.backends import lower
+
+            low, report = lower(copy.deepcopy(model), "cpu")
+            out["lowered_psnr"] = round(psnr(sample(low, **{**kw, "n": lowered})[0], images[:lowered]), 2)
+            out["lowering"] = report.summary().splitlines()[0]
+        return out
 
     ptq = Path(__file__).parent / f".ptq_{model_name}_{recipe.name}"  # the PTQ model and its scores, reused
     if (ptq / "before.json").is_file():
@@ -86,7 +119,8 @@ def main() -> None:
     start = time.time()
     diffquant.finetune(qmodel, load_builtin(model_name), config, progress=False)
     finetune_s = time.time() - start
-    after = score(qmodel)
+    diffquant.freeze(qmodel)  # integers again, as quantize() leaves a fine-tuned model
+    after = score(qmodel, lowered=64)
     report = qmodel.diffquant_report["finetune"]
     row = dict(
         model=model_name, setting=setting, n=n, before=before, after=after,
