@@ -274,6 +274,22 @@ def test_bench_json_on_a_quantized_directory(tmp_path):
     assert data["sqnr_vs_reference_db"] > 25
 
 
+@pytest.mark.slow
+def test_bench_default_path_quantizes_compiles_and_samples():
+    """No --quantized (the recipe is applied here), compiled (the default), a whole sampling run too."""
+    result = run(
+        "bench", "--model", "fashion-dit", "--recipe", "w8a8-dynamic", "--batch", "2", "--repeats", "1",
+        "--sampling-steps", "2", "--threads", "2", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["recipe"] == "w8a8-dynamic" and data["lowered_layers"] > 0
+    compiled = [k for k in data if "compile" in k and k.endswith("_ms")]
+    sampling = [k for k in data if "sampling" in k or "ddim" in k]
+    assert compiled and all(data[k] > 0 for k in compiled), sorted(data)
+    assert sampling, sorted(data)
+
+
 def test_export_onnx_from_a_quantized_directory(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "q"
@@ -422,3 +438,27 @@ def test_report_writes_page_and_figures(tmp_path):
         rows[1]["psnr_vs_fp"] > 30  # measured 35.9 dB
         and len(json.loads((tmp_path / "r" / "results.json").read_text())["step_sqnr"]) == 3
     )
+
+
+def test_train_runs_stops_and_resumes_from_the_cli(fake_fashion_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ("train", "dit", "--data-dir", str(fake_fashion_dir), "--out", str(out), "--steps", "4", "--threads", "1")
+    stopped = run(*common, "--max-minutes", "1e-9", "--no-export")
+    assert stopped.exit_code == 0 and "run the same command to resume" in stopped.output, stopped.output
+    done = run(*common, "--no-export")
+    assert done.exit_code == 0 and "stopped at" not in done.output and (out / "checkpoint.pt").is_file()
+    from diffquant.train import checkpoint_progress
+
+    assert checkpoint_progress(out / "checkpoint.pt", 4) == (4, 4)
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    import diffquant.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
