@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
-from fp_cache import fp_images  # beside this file
+from act_groups import SETTINGS, install  # beside this file
+from fp_cache import fp_images
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from scale import cpu_model
 
 import diffquant
-from diffquant import primitives as P
 from diffquant.denoiser import noise_prediction
 from diffquant.eval import psnr
 from diffquant.models import load_builtin
@@ -42,32 +42,6 @@ from diffquant.recipe import CalibrationConfig, get_recipe
 from diffquant.sampling import sample
 
 OUT = Path(__file__).parents[1] / "results" / "a4_granularity_probe.jsonl"
-_plain = P.dynamic_fake_quant
-GROUP = {"n": 0}
-
-
-def clipped_fake_quant(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
-    """Dynamic fake quant with each token's range shrunk by ``GROUP['clip']`` (values beyond it clamp)."""
-    lo, hi = P.dynamic_range(x, granularity, channel_dim)
-    scale, zero_point = P.scale_from_range(lo * GROUP["clip"], hi * GROUP["clip"], qtype, symmetric)
-    return P.fake_quant(x, qtype, scale.to(x.dtype), zero_point.to(x.dtype), symmetric)
-
-
-def grouped_fake_quant(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
-    """Per-token scales over groups of ``GROUP['n']`` channels (the rest as ``dynamic_fake_quant``)."""
-    if GROUP.get("clip", 1.0) != 1.0:
-        return clipped_fake_quant(x, qtype, granularity, symmetric, channel_dim)
-    g = GROUP["n"]
-    c = x.shape[channel_dim]
-    if not g or granularity != "token" or c % g:
-        return _plain(x, qtype, granularity, symmetric, channel_dim)
-    xt = x.movedim(channel_dim, -1)
-    shape = xt.shape
-    xg = xt.reshape(*shape[:-1], c // g, g)
-    y = _plain(xg, qtype, "token", symmetric, -1)
-    return y.reshape(shape).movedim(-1, channel_dim)
-
-
 ROTATE = {"on": False}
 _forward = None
 
@@ -102,10 +76,9 @@ def main() -> None:
     model_name, n = sys.argv[1], int(sys.argv[2])
     variants = sys.argv[3:] or ["a8-token", "static", "tensor", "token", "g64", "g32", "g16"]
     fp, _ = fp_images(model_name, n)
-    P.dynamic_fake_quant = grouped_fake_quant
+    install()
     import diffquant.nn.quantizer as Q
 
-    Q.P.dynamic_fake_quant = grouped_fake_quant
     global _forward
     _forward = Q.ActQuantizer.forward
     Q.ActQuantizer.forward = rotated_forward
@@ -116,11 +89,11 @@ def main() -> None:
         start = time.time()
         bits = "int8" if v.startswith("a8") else "int4"
         kind = v.split("-")[-1]
-        GROUP["clip"] = 1.0
+        SETTINGS["clip"] = 1.0
         if kind.startswith("c"):  # token-c0.9: per token, ranges clipped to 90 %
-            GROUP["clip"], kind = float(kind[1:]), "token"
+            SETTINGS["clip"], kind = float(kind[1:]), "token"
         ROTATE["on"] = v.startswith("rot")
-        GROUP["n"] = int(kind[1:]) if kind.startswith("g") else 0
+        SETTINGS["group"] = int(kind[1:]) if kind.startswith("g") else 0
         if kind == "static":
             recipe = get_recipe("w8a4").replace(
                 weights="none", activations=bits, act_mode="bucketed", buckets=50,

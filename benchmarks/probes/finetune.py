@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from fp_cache import fp_images  # beside this file
+from act_groups import SETTINGS, install  # beside this file
+from fp_cache import fp_images
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from scale import cpu_model  # benchmarks/scale.py: the CPU model and its int8 ISA flags
@@ -33,25 +34,6 @@ from diffquant.sampling import sample
 OUT = Path(__file__).parents[1] / "results" / "finetune_probe.jsonl"
 
 
-def group_activations(g: int) -> None:
-    """Dynamic per-token fake quant with one scale per group of ``g`` channels of each token (probe only:
-    the library has no such mode; a layer whose channels ``g`` does not divide keeps per token)."""
-    import diffquant.nn.quantizer as Q
-    from diffquant import primitives as P
-
-    plain = P.dynamic_fake_quant
-
-    def grouped(x, qtype, granularity="token", symmetric=True, channel_dim=-1):
-        c = x.shape[channel_dim]
-        if granularity != "token" or c % g:
-            return plain(x, qtype, granularity, symmetric, channel_dim)
-        xt = x.movedim(channel_dim, -1)
-        y = plain(xt.reshape(*xt.shape[:-1], c // g, g), qtype, "token", symmetric, -1)
-        return y.reshape(xt.shape).movedim(-1, channel_dim)
-
-    Q.P.dynamic_fake_quant = grouped
-
-
 def parse(setting: str):
     name, *changes = setting.split("+")
     recipe = get_recipe(name)
@@ -62,7 +44,8 @@ def parse(setting: str):
     for change in changes:
         key, value = change.split("=")
         if key == "act_group":  # probe only: per-token scales per group of this many channels (monkeypatched)
-            group_activations(int(value))
+            install()  # probe only: act_groups.py
+            SETTINGS["group"] = int(value)
             recipe_kw["act_group"] = value
             continue
         if key not in fields and key in recipe_fields and key != "finetune":  # a recipe field (str / int / float)

@@ -238,8 +238,9 @@ class FinetuneConfig:
         train: what is trained: ``lora`` (QALoRA: the adapters, added before the weight
             fake-quant), ``weights`` (the quantized layers' float weights themselves, full QAT with
             straight-through rounding, at ``weight_lr``: every weight's Adam state in memory, for
-            small models and ternary / binary weights, which a low-rank update moves little), ``scales`` (the activations' LSQ step sizes per quantizer and per step
-            bucket, or the TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
+            small models and ternary / binary weights, which a low-rank update moves little),
+            ``scales`` (the activations' LSQ step sizes per quantizer and per step bucket, or the
+            TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
             channel or group; not by default: on a toy denoiser with int2 weights its gradient
             raised the loss even on a single full batch, while activation scales lowered it).
         eval_every: score the held-out trajectories every this many steps; the best-scoring state

@@ -159,14 +159,14 @@ def load_quantized(
             in ``meta.json``; for a saved pipeline the whole pipeline (its denoiser rebuilt from its
             config, its other components from ``pipeline/``); for a bare diffusers denoiser, that
             denoiser rebuilt from its config.
-
-    Example:
-        >>> pipe = diffquant.load_quantized("sd15-w8a8-tdq")   # doctest: +SKIP
-        >>> image = pipe("a photo of a cat").images[0]          # doctest: +SKIP
         num_timesteps: the model's ``T`` if not derivable from the model (or saved with it).
 
     Raises:
         QuantizedDirError: missing or corrupt files, or a directory made for another model.
+
+    Example:
+        >>> pipe = diffquant.load_quantized("sd15-w8a8-tdq")   # doctest: +SKIP
+        >>> image = pipe("a photo of a cat").images[0]          # doctest: +SKIP
     """
     from diffquant.integrations.pipelines import denoiser_name, is_pipeline
     from diffquant.models.builtin import WeightsError, build_model, load_config, load_state_file

@@ -134,7 +134,7 @@ class ActParams(nn.Module):
         """``(scale, zero point)`` for ``x``: 0-d float32 tensors, or one per token for per-token dynamic
         scales (``(M, 1)`` for a Linear input, ``(N, 1, H, W)`` for a convolution's)."""
         if self.mode == "dynamic":
-            lo, hi = P.dynamic_range(x, self.granularity, self.channel_dim if x.dim() == 4 else -1)
+            lo, hi = P.dynamic_range(x, self.granularity, self.channel_dim)
             return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
         if self.lookup is not None:
             p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)

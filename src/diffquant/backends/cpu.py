@@ -116,9 +116,9 @@ class _Kernel:
     bias: torch.Tensor | None
     out_features: int
     conv: dict = field(default_factory=dict)  # stride, padding, dilation, groups
-    # per-token inputs: per part, w_scale * sum_k W[o, k] (one per kernel tap for a convolution)
-    colsums: list[torch.Tensor] = field(default_factory=list)
-    taps: list[list[tuple[int, int, torch.Tensor]]] = field(default_factory=list)  # per part: (i, j, 1x1 packed)
+    # per part with per-token scales: (i, j, packed weight, w_scale * sum_c W[o, c, i, j]) per kernel tap
+    # (a convolution's 1x1 kernels; one entry, the part's packed Linear weight, for a Linear); [] otherwise
+    taps: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = field(default_factory=list)
 
     def out_shape(self, codes: torch.Tensor) -> list[int]:
         if self.kind == "linear":
@@ -148,13 +148,13 @@ class _Kernel:
     def gemm_tokens(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, part: int) -> torch.Tensor:
         """Part ``part``'s codes with one ``scale, zp`` per token (row / pixel), through oneDNN with scale
         1 and zero point 0, the scales applied to the integer sums (see the module docstring)."""
-        colsum = self.colsums[part]
+        taps = self.taps[part]
         if self.kind == "linear":
+            ((_, _, packed, colsum),) = taps
             acc = torch.ops.onednn.qlinear_pointwise(
-                codes, 1.0, 0, self.parts[part][0], self.weight_scale, self.weight_zp, None, 1.0, 0,
-                torch.float32, "none", [], "",
+                codes, 1.0, 0, packed, self.weight_scale, self.weight_zp, None, 1.0, 0, torch.float32, "none", [], "",
             )  # fmt: skip
-            y = scale * (acc - zp * colsum[0])
+            y = scale * (acc - zp * colsum)
         else:
             c = self.conv
             (ph, pw), (sh, sw), (dh, dw) = c["padding"], c["stride"], c["dilation"]
@@ -162,14 +162,14 @@ class _Kernel:
             pad = (pw, pw, ph, ph)  # padded pixels: scale 0, so they add nothing
             codes, scale, zp = F.pad(codes, pad), F.pad(scale, pad), F.pad(zp, pad)
             y = None
-            for (i, j, packed), cs in zip(self.taps[part], colsum, strict=True):
+            for i, j, packed, colsum in taps:
                 rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
                 cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
                 acc = torch.ops.onednn.qconv2d_pointwise(
                     codes[:, :, rows, cols].contiguous(), 1.0, 0, packed, self.weight_scale, self.weight_zp,
                     None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
                 )  # fmt: skip
-                tap = scale[:, :, rows, cols] * (acc - zp[:, :, rows, cols] * cs.view(1, -1, 1, 1))
+                tap = scale[:, :, rows, cols] * (acc - zp[:, :, rows, cols] * colsum)
                 y = tap if y is None else y + tap
             y = y.contiguous(memory_format=torch.channels_last)
         if part == 0 and self.bias is not None:
@@ -304,28 +304,25 @@ def _layer(m: QuantModule) -> _Int8Layer:
     quantizers = [m.input_quantizer] + ([m.input_quantizer_2] if m.input_split else [])
     cin = w.shape[1]
     bounds = [0, m.input_split, cin] if m.input_split else [0, cin]
-    parts, inputs, colsums, taps = [], [], [], []
+    parts, inputs, taps = [], [], []
     for q, lo, hi in zip(quantizers, bounds[:-1], bounds[1:], strict=True):
         inputs.append(_Input(q))
         wp = w[:, lo:hi].contiguous()
         if inputs[-1].per_token:  # scale 1, zero point 0: the kernel returns the integer sums times w_scale
             if isinstance(m, QuantConv2d):
                 kh, kw = m.kernel_size
-                one = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1])
                 taps.append([
                     (i, j, torch.ops.onednn.qconv_prepack(
-                        wp[:, :, i : i + 1, j : j + 1].contiguous(), w_scale, 1.0, 0, *one.values(), 1, None
-                    ))
+                        wp[:, :, i : i + 1, j : j + 1].contiguous(), w_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None
+                    ), (w_scale * wp[:, :, i, j].sum(1).float()).view(1, -1, 1, 1))
                     for i in range(kh) for j in range(kw)
                 ])  # fmt: skip
-                colsums.append([w_scale * wp[:, :, i, j].sum(1).float() for i in range(kh) for j in range(kw)])
                 parts.append((None, slice(lo, hi)))
             else:
-                colsums.append([w_scale * wp.sum(1).float()])
-                taps.append([])
-                parts.append((torch.ops.onednn.qlinear_prepack(wp, None), slice(lo, hi)))
+                packed = torch.ops.onednn.qlinear_prepack(wp, None)
+                taps.append([(0, 0, packed, w_scale * wp.sum(1).float())])
+                parts.append((packed, slice(lo, hi)))
             continue
-        colsums.append([])
         taps.append([])
         # the activation scale given here only seeds the prepacking; every call passes its own
         static = q.mode != "dynamic"
@@ -344,9 +341,9 @@ def _layer(m: QuantModule) -> _Int8Layer:
             stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups,
             kernel_size=list(m.kernel_size),
         )  # fmt: skip
-        kernel = _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, conv, colsums, taps)
+        kernel = _Kernel("conv", parts, w_scale, w_zp, bias, m.out_channels, conv, taps)
         return Int8Conv2d(kernel, inputs, smooth, m.extra_repr())
-    kernel = _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features, colsums=colsums, taps=taps)
+    kernel = _Kernel("linear", parts, w_scale, w_zp, bias, m.out_features, taps=taps)
     return Int8Linear(kernel, inputs, smooth, m.extra_repr())
 
 
