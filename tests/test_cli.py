@@ -162,7 +162,15 @@ def test_export_weights_missing_checkpoint(tmp_path):
 
 
 def test_unknown_train_kind(tmp_path):
-    assert_user_error(run("train", "vae"), "unet, dit or features")
+    assert_user_error(run("train", "vae"), "unet, dit, features or sd")
+
+
+def test_train_sd_without_data_or_with_a_warm_start(tmp_path):
+    result = run("train", "sd", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"))
+    assert_user_error(result, "dataset-fashion-mnist")
+    assert not (tmp_path / "run").exists()
+    result = run("train", "sd", "--warm-start", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "run"))
+    assert_user_error(result, "resumes from the checkpoints")
 
 
 def test_eval_needs_two_samples():

@@ -456,7 +456,7 @@ def _calibration(model, recipe, prompts: Path | None, source: str, folder: Path 
 
 @app.command()
 def train(
-    kind: Annotated[str, typer.Argument(help="unet, dit or features.")],
+    kind: Annotated[str, typer.Argument(help="unet, dit, features or sd (the fashion-sd pipeline).")],
     out: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: runs/KIND).")] = None,
     steps: Annotated[int | None, typer.Option(help="Total optimizer steps (default: the config's).")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Checkpoint and stop after this many minutes.")] = None,
@@ -471,17 +471,28 @@ def train(
     """Train (or resume) a built-in model from its config in diffquant/models/configs.
 
     Running the same command again resumes from the checkpoint. When the run completes, the EMA
-    weights replace the shipped ones (for `features`, also the training-set feature statistics).
+    weights replace the shipped ones (for `features`, also the training-set feature statistics; for
+    `sd`, the pipeline folder: its VAE trains first, then the UNet and the text encoder; --steps
+    counts the UNet phase).
 
     Example: diffquant train unet --max-minutes 120
     """
     from diffquant import train as training
 
-    if kind not in training.KIND_TO_MODEL:
-        _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
+    if kind not in (*training.KIND_TO_MODEL, "sd"):
+        _fail(f"Unknown kind {kind!r}; choose unet, dit, features or sd.")
     if threads is not None and threads < 1:
         _threads(threads)  # the one message for a bad --threads
     out = out or Path("runs") / kind
+    if kind == "sd":
+        if warm_start is not None:
+            _fail("--warm-start is for unet, dit and features; `train sd` resumes from the checkpoints in --out.")
+        done, total = _run(training.train_sd, out, steps, max_minutes, data_dir, threads)
+        if done < total:
+            typer.echo(f"stopped at step {done}/{total} (VAE, then UNet); run the same command to resume")
+        elif export:
+            typer.echo(f"exported {_run(training.export_sd, out)}")
+        return
     ckpt = _run(training.train, kind, out, steps, max_minutes, data_dir, threads, warm_start)
     done, total = training.checkpoint_progress(ckpt, steps)
     if done < total:
@@ -599,7 +610,7 @@ def export_cmd(
 
 @app.command("export-weights")
 def export_weights_cmd(
-    kind: Annotated[str, typer.Argument(help="unet, dit or features.")],
+    kind: Annotated[str, typer.Argument(help="unet, dit, features or sd (the fashion-sd pipeline).")],
     checkpoint: Annotated[Path, typer.Option(help="A training checkpoint (checkpoint.pt).")],
     data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST idx directory (features only).")] = None,
 ):

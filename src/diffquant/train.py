@@ -287,3 +287,215 @@ def export_builtin(kind: str, ckpt_path: str | Path, data_dir: str | Path | None
         ref_path.write_text(json.dumps(reference, indent=2) + "\n")
         dest += [train_stats_path(), ref_path]
     return dest
+
+
+# ---- fashion-sd: a latent text-to-image pipeline, trained in two phases (VAE, then UNet + text encoder)
+
+
+def _append_log(out_dir: Path, record: dict) -> None:
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _sd_data(data_dir, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from diffquant.models.fashion_sd import attributes, pad_images
+
+    images, labels = load_fashion_mnist("train", data_dir)
+    tone, texture = attributes(images, labels)
+    return pad_images(to_model_range(images), pad), labels, tone, texture
+
+
+def _train_vae(cfg: dict, out_dir: Path, x_all: torch.Tensor, max_minutes, log) -> tuple[nn.Module, bool]:
+    """Phase 1: the autoencoder (reconstruction MSE + a small KL term, as latent diffusion's KL-f4 does
+    without its perceptual and adversarial terms). Returns ``(vae, done)``."""
+    from diffusers import AutoencoderKL
+
+    tc, path = cfg["train_vae"], out_dir / "vae.pt"
+    torch.manual_seed(tc["seed"])
+    vae = AutoencoderKL(**cfg["vae"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc["lr"], weight_decay=0.0)
+    g = torch.Generator().manual_seed(tc["seed"])
+    step = 0
+    if path.is_file():
+        ck = torch.load(path, weights_only=False)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["generator"])
+        step = ck["step"]
+        if step >= tc["steps"]:
+            return vae.eval(), True
+        log(f"resumed {path} at step {step}")
+    vae.train()
+    start, running, seen = time.monotonic(), 0.0, 0
+    while step < tc["steps"]:
+        for group in opt.param_groups:
+            group["lr"] = tc["lr"] * _lr_factor(step, tc["warmup_steps"], tc["steps"], cosine=True)
+        idx = torch.randint(0, x_all.shape[0], (tc["batch_size"],), generator=g)
+        x = _augment(x_all[idx], g, hflip=True)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        loss = F.mse_loss(vae.decode(z).sample, x) + tc["kl_weight"] * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        running, seen = running + loss.item(), seen + 1
+        elapsed = time.monotonic() - start
+        late = max_minutes is not None and elapsed > 60 * max_minutes
+        if step % tc["checkpoint_every"] == 0 or step == tc["steps"] or late:
+            _atomic_save(
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "generator": g.get_state()}, path
+            )
+            _append_log(out_dir, {"phase": "vae", "step": step, "loss": running / seen, "elapsed_s": round(elapsed, 1)})
+            log(f"vae step {step}/{tc['steps']} loss {running / seen:.5f} ({elapsed / 60:.1f} min)")
+            running, seen = 0.0, 0
+        if late:
+            return vae.eval(), False
+    return vae.eval(), True
+
+
+@torch.no_grad()
+def _sd_latents(vae: nn.Module, x_all: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image and of its mirror image: ``(2, N, 4, h, w)`` each."""
+    means, stds = [], []
+    for images in (x_all, x_all.flip(-1)):
+        m, s = [], []
+        for i in range(0, images.shape[0], batch):
+            posterior = vae.encode(images[i : i + batch]).latent_dist
+            m.append(posterior.mean)
+            s.append(posterior.std)
+        means.append(torch.cat(m))
+        stds.append(torch.cat(s))
+    return torch.stack(means), torch.stack(stds)
+
+
+def train_sd(
+    out_dir: str | Path,
+    steps: int | None = None,
+    max_minutes: float | None = None,
+    data_dir: str | Path | None = None,
+    threads: int | None = None,
+    log=print,
+    cfg: dict | None = None,
+) -> tuple[int, int]:
+    """Train (or resume) ``fashion-sd``: the VAE, then the UNet and the text encoder together on the
+    VAE's latents (DDPM noise-prediction loss, the caption dropped to the empty prompt for guidance,
+    EMA weights), checkpoints ``vae.pt`` and ``unet.pt`` in ``out_dir``.
+
+    Args:
+        out_dir: checkpoint directory; existing checkpoints there are resumed.
+        steps: UNet phase steps (default: the config's).
+        max_minutes: stop (after checkpointing) once this much wall time has passed.
+        data_dir: Fashion-MNIST directory.
+        threads: torch intra-op threads.
+        log: a callable that receives one progress line.
+        cfg: the pipeline's config (default: the shipped ``fashion-sd.json``); kept in ``unet.pt``.
+
+    Returns:
+        ``(steps done, total steps)`` over both phases.
+    """
+    from diffusers import DDPMScheduler
+
+    from diffquant.models.fashion_sd import build_components, caption, config, tokenize
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = cfg or config()
+    tv, tc = cfg["train_vae"], cfg["train"]
+    total = steps or tc["steps"]
+    start = time.monotonic()
+    x_all, labels, tone, texture = _sd_data(data_dir, cfg["pad"])  # before any folder is made: bad input writes nothing
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae, done = _train_vae(cfg, out_dir, x_all, max_minutes, log)
+    if not done:
+        return torch.load(out_dir / "vae.pt", weights_only=False)["step"], tv["steps"] + total
+    remaining = None if max_minutes is None else max_minutes - (time.monotonic() - start) / 60
+
+    torch.manual_seed(tc["seed"])
+    parts = build_components(cfg, out_dir / "tokenizer")
+    unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    models = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    ema = copy.deepcopy(models).requires_grad_(False)
+    opt = torch.optim.AdamW(models.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    g = torch.Generator().manual_seed(tc["seed"])
+    path, step = out_dir / "unet.pt", 0
+    mean, std = _sd_latents(vae, x_all)
+    if path.is_file():
+        ck = torch.load(path, weights_only=False)
+        models.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["generator"])
+        step, scaling = ck["step"], ck["scaling_factor"]
+        log(f"resumed {path} at step {step}")
+    else:  # latents scaled to unit variance, as Stable Diffusion's 0.18215 does for its VAE
+        scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=g)).std())
+    scheduler = DDPMScheduler(**{k: v for k, v in cfg["scheduler"].items() if k != "set_alpha_to_one"})
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    ids_of: dict[str, torch.Tensor] = {}
+
+    def ids(texts: list[str]) -> torch.Tensor:
+        missing = [t for t in set(texts) if t not in ids_of]
+        if missing:
+            ids_of.update(zip(missing, tokenize(tokenizer, missing), strict=True))
+        return torch.stack([ids_of[t] for t in texts])
+
+    def save() -> None:
+        state = {"model": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}
+        state.update(generator=g.get_state(), scaling_factor=scaling, total=total, config=cfg)
+        _atomic_save(state, path)
+
+    models.train()
+    phase_start, running, seen = time.monotonic(), 0.0, 0
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = tc["lr"] * _lr_factor(step, tc["warmup_steps"], total, False, tc["decay_steps"])
+        idx = torch.randint(0, x_all.shape[0], (tc["batch_size"],), generator=g)
+        flip = (torch.rand(idx.shape, generator=g) < 0.5).long() if tc["hflip"] else torch.zeros_like(idx)
+        z0 = (mean[flip, idx] + std[flip, idx] * torch.randn(mean.shape[2:], generator=g)) * scaling
+        drop = torch.rand(idx.shape, generator=g) < tc["caption_dropout"]
+        texts = [
+            "" if d else caption(int(labels[i]), int(tone[i]), int(texture[i]), g)
+            for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
+        ]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, idx.shape, generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids(texts))[0]
+        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=hidden).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.get("grad_clip"):
+            nn.utils.clip_grad_norm_(models.parameters(), tc["grad_clip"])
+        opt.step()
+        step += 1
+        _ema_update(ema, models, min(tc["ema_decay"], (1 + step) / (10 + step)))
+        running, seen = running + loss.item(), seen + 1
+        elapsed = time.monotonic() - phase_start
+        late = remaining is not None and elapsed > 60 * remaining
+        if step % tc["checkpoint_every"] == 0 or step == total or late:
+            save()
+            _append_log(
+                out_dir, {"phase": "unet", "step": step, "loss": running / seen, "elapsed_s": round(elapsed, 1)}
+            )
+            log(f"unet step {step}/{total} loss {running / seen:.4f} ({elapsed / 60:.1f} min)")
+            running, seen = 0.0, 0
+        if late:
+            break
+    return tv["steps"] + step, tv["steps"] + total
+
+
+def export_sd(out_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Write the trained ``fashion-sd`` (EMA UNet and text encoder, the VAE with its latent scaling)
+    as a ``StableDiffusionPipeline`` folder, fp16 safetensors (default: the shipped folder)."""
+    from diffquant.models.fashion_sd import build_components, pipeline_dir, save_pipeline
+
+    out_dir = Path(out_dir)
+    ck = torch.load(out_dir / "unet.pt", weights_only=False)
+    parts = build_components(ck["config"], out_dir / "tokenizer")
+    parts["vae"].load_state_dict(torch.load(out_dir / "vae.pt", weights_only=False)["model"])
+    nn.ModuleDict({"unet": parts["unet"], "text_encoder": parts["text_encoder"]}).load_state_dict(ck["ema"])
+    parts["vae"].register_to_config(scaling_factor=ck["scaling_factor"])
+    return save_pipeline(parts, dest if dest is not None else pipeline_dir())
