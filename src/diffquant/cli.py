@@ -97,8 +97,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help=f"Built-in denoiser ({', '.join(DENOISERS)}), a diffusers pipeline folder (model_index.json), a "
-        "UNet / transformer folder (config.json with a diffusers _class_name), or a hub id org/name found in "
+        help=f"Built-in denoiser ({', '.join(DENOISERS)}), the built-in text-to-image pipeline fashion-sd, a "
+        "diffusers pipeline folder (model_index.json), a UNet / transformer folder (config.json with a diffusers _class_name), or a hub id org/name found in "
         "the local Hugging Face cache (nothing is downloaded).",
     ),
 ]
@@ -430,6 +430,10 @@ def _calibration(model, recipe, prompts: Path | None, source: str, folder: Path 
 
     if is_pipeline(model):
         text = is_text_conditioned(model)
+        if text and prompts is None and source == "fashion-sd":
+            from diffquant.models.fashion_sd import CLASS_NOUNS, prompt
+
+            return {"prompts": [prompt(c) for c in range(len(CLASS_NOUNS))]}  # its ten class prompts
         if text and prompts is None:
             _fail(f"{source} is a text-conditioned {type(model).__name__}: pass --prompts FILE (one prompt per line).")
         if prompts is not None and not text:

@@ -96,3 +96,30 @@ def test_training_resumes_where_it_stopped_and_exports_a_pipeline(fake_fashion_d
 def test_a_missing_pipeline_folder_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffquant train sd"):
         sd.load_fashion_sd(tmp_path)
+
+
+def test_cli_quantizes_fashion_sd_on_its_class_prompts_and_samples(tmp_path, monkeypatch):
+    """``--model fashion-sd`` is the shipped folder (here one with random weights), calibrated on its ten
+    class prompts when no --prompts is given; a missing folder is one line that says how to get it."""
+    import json
+
+    from PIL import Image
+
+    from tests.test_cli import assert_user_error, run
+
+    monkeypatch.setattr(sd, "pipeline_dir", lambda: tmp_path / "missing")
+    assert_user_error(run("quantize", "--model", "fashion-sd", "--out", str(tmp_path / "q")), "diffquant train sd")
+    torch.manual_seed(0)
+    folder = sd.save_pipeline(sd.build_components(tiny_sd_config(), tmp_path / "tok"), tmp_path / "fashion-sd")
+    monkeypatch.setattr(sd, "pipeline_dir", lambda: folder)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"name": "w8a8-tiny", "calibration": {"steps": 2, "n_samples": 2, "batch_size": 2}}))
+    result = run("quantize", "--model", "fashion-sd", "--recipe", str(recipe), "--out", str(tmp_path / "q"), "--json")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "q" / "meta.json").read_text())
+    assert meta["source"] == "fashion-sd" and meta["pipeline_class"] == "StableDiffusionPipeline"
+    image = tmp_path / "boot.png"
+    args = ("--prompt", "a photo of an ankle boot", "--steps", "2", "--out", str(image))
+    result = run("sample", "--quantized", str(tmp_path / "q"), *args)
+    assert result.exit_code == 0, result.output
+    assert Image.open(image).size == (32, 32)

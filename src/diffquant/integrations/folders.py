@@ -36,7 +36,7 @@ class ModelSourceError(ValueError):
 
 
 FIX = (
-    "pass a built-in model (fashion-unet, fashion-dit), a diffusers pipeline folder (with model_index.json), "
+    "pass a built-in model (fashion-unet, fashion-dit, fashion-sd), a diffusers pipeline folder (with model_index.json), "
     "a model folder (config.json with a diffusers _class_name) or a hub id in the local Hugging Face cache"
 )
 
@@ -58,11 +58,21 @@ def load_model(source: str | os.PathLike):
 
 
 def resolve(source: str | os.PathLike) -> Path:
-    """The folder ``source`` names: itself when it is a directory, else the local snapshot of the hub
-    repository ``org/name`` (``local_files_only``: the hub is never contacted)."""
+    """The folder ``source`` names: itself when it is a directory, the shipped pipeline folder for
+    ``fashion-sd``, else the local snapshot of the hub repository ``org/name`` (``local_files_only``:
+    the hub is never contacted)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if str(source) == "fashion-sd":
+        from diffquant.models.fashion_sd import pipeline_dir
+
+        if not (pipeline_dir() / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"fashion-sd is not in this installation ({pipeline_dir()} has no model_index.json): train and "
+                "export it with `diffquant train sd`, or reinstall diffquant."
+            )
+        return pipeline_dir()
     repo_id = str(source)
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -88,7 +98,8 @@ def load_folder(folder: str | os.PathLike, name: str | None = None):
     if (folder / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
-        pipe = _loading(name, lambda: DiffusionPipeline.from_pretrained(str(folder), local_files_only=True))
+        load = DiffusionPipeline.from_pretrained  # fp32 whatever the saved dtype (fp16 folders are common)
+        pipe = _loading(name, lambda: load(str(folder), local_files_only=True, torch_dtype=torch.float32))
         pipe.set_progress_bar_config(disable=True)
         return pipe
     config = folder / "config.json"
@@ -106,7 +117,8 @@ def load_folder(folder: str | os.PathLike, name: str | None = None):
             f"{name} is not a diffusers model: expected model_index.json (a pipeline) or a config.json whose "
             f"_class_name is a diffusers model class such as UNet2DConditionModel, and {found}{hint}."
         )
-    return _loading(name, lambda: cls.from_pretrained(str(folder), local_files_only=True)).eval()
+    load = cls.from_pretrained
+    return _loading(name, lambda: load(str(folder), local_files_only=True, torch_dtype=torch.float32)).eval()
 
 
 def _loading(name: str, load: Callable):
