@@ -431,9 +431,10 @@ def _calibration(model, recipe, prompts: Path | None, source: str, folder: Path 
     if is_pipeline(model):
         text = is_text_conditioned(model)
         if text and prompts is None and source == "fashion-sd":
-            from diffquant.models.fashion_sd import CLASS_NOUNS, prompt
+            from diffquant.models.fashion_sd import CLASS_NOUNS, GUIDANCE, prompt
 
-            return {"prompts": [prompt(c) for c in range(len(CLASS_NOUNS))]}  # its ten class prompts
+            prompts_ = [prompt(c) for c in range(len(CLASS_NOUNS))]  # its ten class prompts, at its guidance
+            return {"prompts": prompts_, "pipeline_kwargs": {"guidance_scale": GUIDANCE}}
         if text and prompts is None:
             _fail(f"{source} is a text-conditioned {type(model).__name__}: pass --prompts FILE (one prompt per line).")
         if prompts is not None and not text:

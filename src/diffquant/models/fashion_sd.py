@@ -47,6 +47,7 @@ PLURAL = frozenset({"trousers"})
 TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "{} on a black background")
 TONES = ("dark", None, "light")  # tertiles of the item's mean intensity within its class
 TEXTURES = ("plain", None, "patterned")  # tertiles of the item's mean |Laplacian| within its class
+GUIDANCE = 3.0  # the classifier-free guidance scale of its evaluation (and of its calibration)
 EXTRA_WORDS = ("a", "an", "of", "the", "photo", "picture", "image", "on", "black", "background")
 
 
@@ -247,7 +248,7 @@ def generate(
     pipe,
     n: int,
     steps: int = 50,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = GUIDANCE,
     seed: int = 0,
     batch_size: int = 100,
     start: int = 0,
