@@ -235,10 +235,18 @@ def eval_(
     steps: StepsOpt = 50,
     sampler: SamplerOpt = "ddim",
     seed: SeedOpt = 0,
-    guidance: GuidanceOpt = 1.0,
-    batch_size: BatchOpt = 250,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="Classifier-free guidance scale (1 = off; default 1, fashion-sd's 3)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per model call (default 250; a pipeline: 8; does not change results).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quantized: QuantizedOpt = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="A quantized text-to-image pipeline other than fashion-sd: the prompt.")
+    ] = None,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -249,6 +257,13 @@ def eval_(
     over the processes (gloo) and rank 0 prints the result of the whole run.
 
     Example: diffquant eval --model fashion-unet --n 1000 --steps 50 --json
+
+    A quantized pipeline directory is compared with the FP pipeline it was quantized from (read from
+    its meta.json: fashion-sd, or the folder given to `diffquant quantize --model`) from identical
+    noise: PSNR, and for fashion-sd (its class prompts, guidance 3) FD against the data set, FD
+    against the FP images in feature space and prompt-class consistency.
+
+    Example: diffquant eval --quantized sd-q --n 500 --steps 50
     """
     from diffquant.eval import evaluate
     from diffquant.eval.distributed import init_from_env, rank_and_world
@@ -257,11 +272,24 @@ def eval_(
         _fail(f"--n must be at least 2 for a covariance, got {n}.")
     init_from_env()
     _threads(threads)
-    m, fp, model = _model_or_quantized(model, weights, quantized)
-    result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size, reference_model=fp, progress=not as_json)
-    if "psnr_vs_ref" in result:
-        result["psnr_vs_fp"] = result.pop("psnr_vs_ref")
-    result = {"model": model, **({"quantized": str(quantized)} if quantized else {}), **result}
+    if quantized is not None and _meta(quantized).get("pipeline_class"):
+        if model is not None or weights is not None or sampler != "ddim":
+            _fail(
+                f"{quantized} is a whole pipeline: leave out --model, --weights and --sampler (it has its scheduler)."
+            )
+        result = _eval_pipeline(quantized, n, steps, seed, prompt, guidance, batch_size or 8)
+    else:
+        if prompt is not None:
+            _fail(
+                "--prompt applies to a quantized text-to-image pipeline (--quantized DIR); built-in models take classes."
+            )
+        m, fp, model = _model_or_quantized(model, weights, quantized)
+        kw = dict(reference_model=fp, progress=not as_json)
+        guidance = 1.0 if guidance is None else guidance
+        result = _run(evaluate, m, n, steps, sampler, seed, guidance, batch_size or 250, **kw)
+        if "psnr_vs_ref" in result:
+            result["psnr_vs_fp"] = result.pop("psnr_vs_ref")
+        result = {"model": model, **({"quantized": str(quantized)} if quantized else {}), **result}
     if rank_and_world()[0] != 0:
         return
     if as_json:
@@ -269,6 +297,24 @@ def eval_(
     else:
         for k, v in result.items():
             typer.echo(f"{k:18s} {v}")
+
+
+def _eval_pipeline(quantized: Path, n: int, steps: int, seed: int, prompt, guidance, batch_size: int) -> dict:
+    """``eval --quantized DIR`` of a pipeline directory: against the FP pipeline named in its meta.json."""
+    from diffquant.integrations.folders import load_model
+    from diffquant.integrations.pipelines import evaluate_pipeline
+    from diffquant.serialization import load_quantized
+
+    source = _meta(quantized).get("source")
+    if not source:
+        _fail(
+            f"{quantized} does not say which pipeline it was quantized from (no source in meta.json); quantize again."
+        )
+    reference = _run(load_model, source)
+    pipe = _run(load_quantized, quantized)
+    fashion = source == "fashion-sd"
+    result = _run(evaluate_pipeline, pipe, reference, n, steps, seed, prompt, guidance, batch_size, fashion)
+    return {"quantized": str(quantized), "source": source, **result}
 
 
 @app.command()

@@ -197,15 +197,25 @@ def test_bad_prompts_and_options_are_one_error_line(folders, tmp_path):
         resolve(str(tmp_path / "missing"))
 
 
-def test_a_quantized_pipeline_directory_is_refused_by_the_built_in_commands(folders, tmp_path):
+def test_eval_compares_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
     q = tmp_path / "q"
     assert quantize_cli(folders, str(folders["dit"]), q).exit_code == 0
-    assert_user_error(
-        run("eval", "--quantized", str(q), "--n", "4"), "holds a quantized DiTPipeline", "diffquant sample"
-    )
+    result = run("eval", "--quantized", str(q), "--n", "4", "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["source"] == str(folders["dit"]) and info["n"] == 4
+    assert 20 < info["psnr_vs_fp"] < 100  # int8 of a tiny random DiT: close to its FP images, not equal (cap 100)
+    for args in (("--sampler", "ddpm"), ("--model", "fashion-unet")):
+        assert_user_error(run("eval", "--quantized", str(q), *args), "leave out --model, --weights and --sampler")
     assert_user_error(
         run("sample", "--quantized", str(q), "--sampler", "ddpm"), "leave out --model, --weights and --sampler"
     )
+    q_sd = tmp_path / "q-sd"
+    assert quantize_cli(folders, str(folders["sd"]), q_sd, "--prompts", str(folders["prompts"])).exit_code == 0
+    assert_user_error(run("eval", "--quantized", str(q_sd), "--n", "2", "--steps", "2"), "pass a prompt")
+    result = run("eval", "--quantized", str(q_sd), "--n", "2", "--steps", "2", "--prompt", "a red shoe", "--json")
+    assert result.exit_code == 0, result.output
+    assert 20 < json.loads(result.stdout.strip().splitlines()[-1])["psnr_vs_fp"] < 100
 
 
 def test_a_pipelines_unet_folder_calibrates_with_the_scheduler_beside_it(folders, tmp_path):

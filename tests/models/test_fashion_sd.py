@@ -123,3 +123,9 @@ def test_cli_quantizes_fashion_sd_on_its_class_prompts_and_samples(tmp_path, mon
     result = run("sample", "--quantized", str(tmp_path / "q"), *args)
     assert result.exit_code == 0, result.output
     assert Image.open(image).size == (32, 32)
+    result = run("eval", "--quantized", str(tmp_path / "q"), "--n", "10", "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["source"] == "fashion-sd" and info["guidance_scale"] == sd.GUIDANCE and info["n"] == 10
+    assert info["fd"] > 0 and info["fd_fp"] > 0 and info["fd_vs_fp"] >= 0 and 0 <= info["class_consistency"] <= 1
+    assert 20 < info["psnr_vs_fp"] < 100

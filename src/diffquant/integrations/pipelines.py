@@ -283,6 +283,60 @@ def sample_pipeline(
     return np.concatenate(out)
 
 
+def evaluate_pipeline(
+    pipe,
+    reference,
+    n: int = 100,
+    steps: int = 50,
+    seed: int = 0,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    fashion: bool = False,
+) -> dict:
+    """Fidelity of a quantized pipeline to its FP ``reference`` from identical noise (and prompts).
+
+    With ``fashion`` (a ``fashion-sd`` pipeline) the images are the evaluation protocol's
+    (:func:`diffquant.models.fashion_sd.generate`: the class prompts, guidance 3 unless given) and the
+    result holds their FD against the training set (``fd``, and the reference's ``fd_fp``), the
+    prompt-class consistency, and ``fd_vs_fp``: the FD between the two image sets in
+    ``fashion-features`` space. Any other pipeline: images of :func:`sample_pipeline` (``prompt`` for
+    a text-conditioned one) and PSNR only (there is no feature space for an arbitrary domain here).
+
+    Returns:
+        ``{"n", "steps", "seed", "guidance_scale", "psnr_vs_fp", ...}`` (``psnr_vs_fp``: mean per-image
+        PSNR in dB, images in ``[-1, 1]``).
+    """
+    from diffquant.eval.metrics import psnr_per_image
+
+    out = {"n": n, "steps": steps, "seed": seed}
+    if fashion:
+        from diffquant.eval import Evaluator
+        from diffquant.eval.evaluate import extract_features
+        from diffquant.eval.fd import feature_stats, frechet_distance
+        from diffquant.models.fashion_sd import GUIDANCE, generate
+
+        if prompt is not None:
+            raise ValueError("fashion-sd is evaluated on its class prompts; leave --prompt out")
+        guidance = GUIDANCE if guidance_scale is None else guidance_scale
+        images, labels = generate(pipe, n, steps, guidance, seed, batch_size)
+        ref, _ = generate(reference, n, steps, guidance, seed, batch_size)
+        evaluator = Evaluator()
+        score, ref_score = evaluator.score(images, labels), evaluator.score(ref, labels)
+        a, b = (feature_stats(extract_features(evaluator.feature_net, x)) for x in (images, ref))
+        out.update(guidance_scale=guidance, fd=score["fd"], fd_fp=ref_score["fd"], fd_vs_fp=frechet_distance(a, b))
+        out.update(class_consistency=score["class_consistency"], class_consistency_fp=ref_score["class_consistency"])
+    else:
+        images, ref = (
+            torch.from_numpy(sample_pipeline(p, n, steps, seed, prompt, guidance_scale, batch_size)).permute(0, 3, 1, 2)
+            * 2 - 1
+            for p in (pipe, reference)
+        )  # fmt: skip
+        out["guidance_scale"] = guidance_scale
+    out["psnr_vs_fp"] = float(psnr_per_image(images, ref).mean())
+    return out
+
+
 def save_images(images, path: str | os.PathLike, ncol: int = 8) -> Path:
     """Write ``(n, H, W, C)`` images in ``[0, 1]`` as one PNG (the image itself for ``n = 1``, else a grid),
     through a temporary file renamed into place."""
