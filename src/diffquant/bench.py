@@ -110,14 +110,35 @@ def _round_ms(result: dict) -> dict:
     return {k: round(v, 2) if k.endswith("_ms") else v for k, v in result.items()}
 
 
+def _output(out) -> torch.Tensor:
+    """The tensor of a denoiser's output (diffusers models return an output object or a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _to(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
 def bench_forward(
-    fp: nn.Module, quantized: nn.Module, backend: str = "cpu", batch: int = 64, repeats: int = 5, compile: bool = True
+    fp: nn.Module,
+    quantized: nn.Module,
+    backend: str = "cpu",
+    batch: int = 64,
+    repeats: int = 5,
+    compile: bool = True,
+    inputs: tuple[tuple, dict] | None = None,
 ) -> dict:
     """One denoiser call: FP32 eager (and compiled) vs the quantized model on ``backend``.
 
     Args:
-        fp: the full-precision built-in model.
+        fp: the full-precision model (a built-in one, or any denoiser with ``inputs``).
         quantized: its quantized copy (from :func:`quantized_for_bench`, ``quantize`` or ``load_quantized``).
         backend: ``reference`` (fake quant), ``cpu`` (oneDNN int8) or ``cuda`` (int8 / FP8 GEMMs on
             the GPU; both models are moved there, FP32 stays the baseline).
@@ -125,6 +146,9 @@ def bench_forward(
         repeats: timed calls per variant (median reported).
         compile: also time ``torch.compile`` for FP32 and the backend; ``q_ms`` is then the compiled
             backend (eager times are reported beside it).
+        inputs: ``(args, kwargs)`` of the call (default: a built-in model's ``(x, t, labels)`` of
+            ``batch`` images; a diffusers denoiser's from
+            :func:`diffquant.integrations.folders.example_call`).
 
     Returns:
         A dict with ``backend``, ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the
@@ -136,7 +160,12 @@ def bench_forward(
 
     device = backend_device(backend)
     fp, quantized = fp.to(device), quantized.to(device)
-    x, t, y = (v.to(device) for v in example_inputs(fp, batch))
+    args, kwargs = inputs if inputs is not None else (example_inputs(fp, batch), {})
+    args, kwargs = tuple(_to(a, device) for a in args), _to(kwargs, device)
+
+    def call(m: nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: _output(m(*args, **kwargs))
+
     result = {
         "recipe": quantized.diffquant_recipe.name,
         "backend": backend,
@@ -147,21 +176,19 @@ def bench_forward(
         "q_weight_bytes": weight_bytes(quantized),
     }
     result["q_weight_ratio"] = round(result["q_weight_bytes"] / result["fp_weight_bytes"], 4)
-    reference_out = quantized(x, t, y)
-    result["fp_eager_ms"] = time_ms(lambda: fp(x, t, y), repeats)
-    result["reference_eager_ms"] = time_ms(lambda: quantized(x, t, y), repeats)
+    reference_out = call(quantized)()
+    result["fp_eager_ms"] = time_ms(call(fp), repeats)
+    result["reference_eager_ms"] = time_ms(call(quantized), repeats)
     runner, report = lower(copy.deepcopy(quantized), backend)
     if report is not None:
         result["lowered_layers"] = len(report.lowered)
         result["reference_layers"] = len(report.kept)
         result["lowering"] = report.summary()
-    result["sqnr_vs_reference_db"] = round(sqnr_db(reference_out, runner(x, t, y)), 2)
-    result["q_eager_ms"] = time_ms(lambda: runner(x, t, y), repeats)
+    result["sqnr_vs_reference_db"] = round(sqnr_db(reference_out, call(runner)()), 2)
+    result["q_eager_ms"] = time_ms(call(runner), repeats)
     if compile:
-        fp_c = compile_forward(copy.deepcopy(fp))
-        result["fp_compiled_ms"] = time_ms(lambda: fp_c(x, t, y), repeats)
-        q_c = compile_forward(runner)
-        result["q_compiled_ms"] = time_ms(lambda: q_c(x, t, y), repeats)
+        result["fp_compiled_ms"] = time_ms(call(compile_forward(copy.deepcopy(fp))), repeats)
+        result["q_compiled_ms"] = time_ms(call(compile_forward(runner)), repeats)
     result["fp_ms"] = result["fp_eager_ms"]
     result["q_ms"] = result["q_compiled_ms"] if compile else result["q_eager_ms"]
     result["speedup"] = round(result["fp_ms"] / result["q_ms"], 3)

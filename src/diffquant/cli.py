@@ -299,6 +299,27 @@ def eval_(
             typer.echo(f"{k:18s} {v}")
 
 
+def _pipeline_denoisers(quantized: Path, batch: int):
+    """``(fp denoiser, quantized denoiser, (args, kwargs) of one call, source)`` of a pipeline directory."""
+    from diffquant.integrations.folders import example_call, load_model
+    from diffquant.integrations.pipelines import denoiser_name
+    from diffquant.serialization import load_quantized
+
+    source = _meta(quantized).get("source")
+    if not source:
+        _fail(
+            f"{quantized} does not say which pipeline it was quantized from (no source in meta.json); quantize again."
+        )
+    reference = _run(load_model, source)
+    pipe = _run(load_quantized, quantized)
+    name = denoiser_name(pipe)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    tokens = getattr(tokenizer, "model_max_length", None)
+    tokens = tokens if isinstance(tokens, int) and 0 < tokens <= 4096 else 77
+    fp, q = getattr(reference, name).eval(), getattr(pipe, name).eval()
+    return fp, q, _run(example_call, fp, batch, 500, tokens), source
+
+
 def _eval_pipeline(quantized: Path, n: int, steps: int, seed: int, prompt, guidance, batch_size: int) -> dict:
     """``eval --quantized DIR`` of a pipeline directory: against the FP pipeline named in its meta.json."""
     from diffquant.integrations.folders import load_model
@@ -600,6 +621,12 @@ def bench(
     the model is quantized first on a small calibration (speed does not depend on it).
 
     Example: diffquant bench --model fashion-unet --recipe w8a7 --backend cpu --batch 64 --json
+
+    A quantized pipeline directory times its denoiser against the FP pipeline's it was quantized from
+    (meta.json), on random latents and conditioning of the pipeline's shapes (--batch rows: with
+    classifier-free guidance a pipeline calls its denoiser on twice the images).
+
+    Example: diffquant bench --quantized sd-w8a8 --batch 2 --json
     """
     from diffquant.backends import BACKENDS
     from diffquant.bench import bench_forward, bench_sampling, quantized_for_bench
@@ -616,13 +643,21 @@ def bench(
     if batch < 1 or repeats < 1 or sampling_steps < 0:
         _fail("--batch and --repeats must be at least 1, --sampling-steps at least 0.")
     _threads(threads)
-    if quantized is not None:
+    if quantized is not None and _meta(quantized).get("pipeline_class"):
+        if model is not None or sampling_steps:
+            _fail(
+                f"{quantized} is a whole pipeline: leave out --model and --sampling-steps (one denoiser call is timed)."
+            )
+        fp, q, inputs, model = _pipeline_denoisers(quantized, batch)
+    elif quantized is not None:
         q, fp, model = _model_or_quantized(model, None, quantized)
+        inputs = None
     else:
         model = model or DEFAULT_MODEL
         _denoiser(model)  # a clear error for an unknown model
         fp, q = _run(quantized_for_bench, model, recipe, progress=not as_json)
-    result = {"model": model, **_run(bench_forward, fp.eval(), q.eval(), backend, batch, repeats, compile)}
+        inputs = None
+    result = {"model": model, **_run(bench_forward, fp.eval(), q.eval(), backend, batch, repeats, compile, inputs)}
     if sampling_steps:
         result["sampling"] = _run(bench_sampling, fp, q, backend, batch, sampling_steps, compile=compile)
     if as_json:

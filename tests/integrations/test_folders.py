@@ -197,7 +197,7 @@ def test_bad_prompts_and_options_are_one_error_line(folders, tmp_path):
         resolve(str(tmp_path / "missing"))
 
 
-def test_eval_compares_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
+def test_eval_and_bench_compare_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
     q = tmp_path / "q"
     assert quantize_cli(folders, str(folders["dit"]), q).exit_code == 0
     result = run("eval", "--quantized", str(q), "--n", "4", "--steps", "2", "--json")
@@ -216,6 +216,12 @@ def test_eval_compares_a_quantized_pipeline_directory_with_the_folder_it_came_fr
     result = run("eval", "--quantized", str(q_sd), "--n", "2", "--steps", "2", "--prompt", "a red shoe", "--json")
     assert result.exit_code == 0, result.output
     assert 20 < json.loads(result.stdout.strip().splitlines()[-1])["psnr_vs_fp"] < 100
+    result = run("bench", "--quantized", str(q_sd), "--batch", "2", "--repeats", "1", "--no-compile", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["model"] == str(folders["sd"]) and info["lowered_layers"] > 0 and info["q_weight_ratio"] < 0.35
+    assert info["sqnr_vs_reference_db"] > 30  # the int8 kernels against the fake-quant reference, same call
+    assert_user_error(run("bench", "--quantized", str(q_sd), "--sampling-steps", "2"), "leave out --model")
 
 
 def test_a_pipelines_unet_folder_calibrates_with_the_scheduler_beside_it(folders, tmp_path):

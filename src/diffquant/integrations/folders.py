@@ -144,7 +144,7 @@ def _size(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _conditioning(model: nn.Module) -> Callable[[int, torch.Generator], dict]:
+def _conditioning(model: nn.Module, tokens: int = TEXT_TOKENS) -> Callable[[int, torch.Generator], dict]:
     """``cond(batch, generator)``: random conditioning keywords of one call of a bare diffusers denoiser."""
     cfg, kind = model.config, type(model).__name__
     classes = cfg.get("num_class_embeds") or cfg.get("num_embeds_ada_norm")
@@ -169,7 +169,7 @@ def _conditioning(model: nn.Module) -> Callable[[int, torch.Generator], dict]:
     height, wide = (8 * s for s in _size(cfg["sample_size"]))
 
     def cond(b: int, g: torch.Generator) -> dict:
-        out = {"encoder_hidden_states": torch.randn(b, TEXT_TOKENS, width, generator=g)}
+        out = {"encoder_hidden_states": torch.randn(b, tokens, width, generator=g)}
         if cfg.get("num_class_embeds"):
             out["class_labels"] = torch.randint(0, int(cfg["num_class_embeds"]), (b,), generator=g)
         if text_time:
@@ -179,6 +179,21 @@ def _conditioning(model: nn.Module) -> Callable[[int, torch.Generator], dict]:
         return out
 
     return cond
+
+
+def example_call(model: nn.Module, batch: int, timestep: int = 500, tokens: int = TEXT_TOKENS, seed: int = 0):
+    """``(args, kwargs)`` of one call of a diffusers denoiser (``model(*args, **kwargs)``): random latents
+    of its sample size, time step ``timestep``, random conditioning as :func:`random_latent_sampler` gives
+    it (``tokens`` text tokens for a UNet2DConditionModel); for timing, where values do not matter.
+
+    Raises:
+        UnsupportedModelError: a model class the stand-in does not know how to condition.
+    """
+    cond = _conditioning(model, tokens)
+    g = torch.Generator().manual_seed(seed)
+    height, width = _size(model.config["sample_size"])
+    x = torch.randn(batch, int(model.config["in_channels"]), height, width, generator=g)
+    return (x, torch.full((batch,), timestep, dtype=torch.long)), cond(batch, g)
 
 
 def scheduler_for(folder: str | os.PathLike | None, num_train_timesteps: int = 1000):
