@@ -581,16 +581,41 @@ def report(
     out: Annotated[Path, typer.Option(help="Output folder for report.html and its PNGs.")] = Path("diffquant-report"),
     n: Annotated[int, typer.Option(help="Samples per model (>= 10).")] = 200,
     steps: StepsOpt = 50,
+    prompt: Annotated[
+        str | None, typer.Option(help="A quantized text-to-image pipeline other than fashion-sd: the prompt.")
+    ] = None,
     threads: ThreadsOpt = None,
 ):
     """Write an HTML report: FP vs quantized grids from identical noise, metrics, per-step error, ranges.
 
     Example: diffquant report --quantized unet-w8a8 --out report --n 200
+
+    A quantized pipeline directory is reported against the FP pipeline it was quantized from (its
+    meta.json): grids from identical noise and prompts, PSNR (fashion-sd: FD and prompt-class
+    consistency too) and the per-step error on the FP pipeline's trajectory.
     """
     from diffquant.report.quant_report import write_quant_report
     from diffquant.serialization import read_meta
 
     _threads(threads)
+    meta = _meta(quantized)
+    if meta.get("pipeline_class"):
+        from diffquant.integrations.folders import load_model
+        from diffquant.report.pipeline_report import write_pipeline_report
+
+        source = meta.get("source")
+        if not source:
+            _fail(f"{quantized} does not say which pipeline it was quantized from (no source in meta.json).")
+        recipe_name = _run(read_meta, quantized)[1].name
+        from diffquant.serialization import load_quantized
+
+        reference, pipe = _run(load_model, source), _run(load_quantized, quantized)
+        fashion = source == "fashion-sd"
+        page = _run(write_pipeline_report, pipe, reference, out, source, recipe_name, n, steps, prompt, fashion)
+        typer.echo(f"report: {page}")
+        return
+    if prompt is not None:
+        _fail("--prompt applies to a quantized text-to-image pipeline (--quantized DIR); built-in models take classes.")
     q, fp, name = _model_or_quantized(None, None, quantized)
     _, recipe = _run(read_meta, quantized)
     page = _run(write_quant_report, q, fp, out, name, recipe.name, n, steps)

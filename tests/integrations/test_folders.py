@@ -197,7 +197,7 @@ def test_bad_prompts_and_options_are_one_error_line(folders, tmp_path):
         resolve(str(tmp_path / "missing"))
 
 
-def test_eval_and_bench_compare_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
+def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
     q = tmp_path / "q"
     assert quantize_cli(folders, str(folders["dit"]), q).exit_code == 0
     result = run("eval", "--quantized", str(q), "--n", "4", "--steps", "2", "--json")
@@ -222,6 +222,15 @@ def test_eval_and_bench_compare_a_quantized_pipeline_directory_with_the_folder_i
     assert info["model"] == str(folders["sd"]) and info["lowered_layers"] > 0 and info["q_weight_ratio"] < 0.35
     assert info["sqnr_vs_reference_db"] > 30  # the int8 kernels against the fake-quant reference, same call
     assert_user_error(run("bench", "--quantized", str(q_sd), "--sampling-steps", "2"), "leave out --model")
+    report = tmp_path / "report"
+    result = run(
+        "report", "--quantized", str(q_sd), "--out", str(report), "--n", "10", "--steps", "2", "--prompt", "a red shoe"
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((report / "results.json").read_text())
+    assert [r["index"] for r in results["step_sqnr"]] == [0, 1] and all(r["sqnr_db"] > 20 for r in results["step_sqnr"])
+    assert 20 < results["metrics"]["psnr_vs_fp"] < 100 and (report / "quantized.png").is_file()
+    assert "w8a8-tiny" in (report / "report.html").read_text()  # the quantized row, named by its recipe
 
 
 def test_a_pipelines_unet_folder_calibrates_with_the_scheduler_beside_it(folders, tmp_path):

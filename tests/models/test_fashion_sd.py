@@ -129,3 +129,9 @@ def test_cli_quantizes_fashion_sd_on_its_class_prompts_and_samples(tmp_path, mon
     assert info["source"] == "fashion-sd" and info["guidance_scale"] == sd.GUIDANCE and info["n"] == 10
     assert info["fd"] > 0 and info["fd_fp"] > 0 and info["fd_vs_fp"] >= 0 and 0 <= info["class_consistency"] <= 1
     assert 20 < info["psnr_vs_fp"] < 100
+    report = tmp_path / "report"
+    result = run("report", "--quantized", str(tmp_path / "q"), "--out", str(report), "--n", "10", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    results = json.loads((report / "results.json").read_text())
+    assert {"fd", "fd_fp", "class_consistency"} <= results["metrics"].keys() and len(results["step_sqnr"]) == 2
+    assert Image.open(report / "fp.png").size == Image.open(report / "quantized.png").size
