@@ -22,9 +22,11 @@ class TDQGenerator(nn.Module):
         n_freqs: Fourier frequencies ``pi * 2^k``, ``k < n_freqs``, as sin and cos features.
         hidden: hidden width.
         depth: number of Linear layers.
+        seed: seed of the initial weights (PyTorch's default initialisation, drawn from a generator of
+            its own: a fit that starts here gives the same ``g`` whatever the process drew before).
     """
 
-    def __init__(self, num_timesteps: int = 1000, n_freqs: int = 8, hidden: int = 64, depth: int = 3):
+    def __init__(self, num_timesteps: int = 1000, n_freqs: int = 8, hidden: int = 64, depth: int = 3, seed: int = 0):
         super().__init__()
         self.num_timesteps = num_timesteps
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freqs, dtype=torch.float32), persistent=False)
@@ -35,6 +37,17 @@ class TDQGenerator(nn.Module):
             if i < depth - 1:
                 layers.append(nn.ReLU())
         self.mlp = nn.Sequential(*layers)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """``nn.Linear``'s own initialisation (Kaiming-uniform weights, uniform biases), from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+                bound = 1 / math.sqrt(m.in_features)
+                nn.init.uniform_(m.bias, -bound, bound, generator=g)
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
         x = t.float().reshape(-1, 1) / self.num_timesteps
