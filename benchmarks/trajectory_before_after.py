@@ -56,13 +56,15 @@ def flags() -> str:
     return "flags " + ", ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
 
 
-def summarize(rev: str, n: int) -> None:
+def summarize(rev: str, n: int, patches: tuple[Path, ...] = ()) -> None:
     before = json.loads((OUT / "before.json").read_text())["rows"]
     after = json.loads((OUT / "after.json").read_text())["rows"]
     lines = [
         f"# PTQ rows before ({rev}) and after one recorded trajectory (N = {n}, DDIM-50)",
         "",
-        f"`python benchmarks/trajectory_before_after.py --rev {rev} --n {n}` on {cpu_model()} ({flags()}), "
+        f"`python benchmarks/trajectory_before_after.py --rev {rev} --n {n}"
+        + "".join(f" --patch {p.as_posix()}" for p in patches)
+        + f"` on {cpu_model()} ({flags()}), "
         "rows interleaved (old, new) in one run; each side samples the same FP images (same seeds, same "
         "model) and compares with them. calib s: wall time of loading the model and `quantize`, on a "
         "shared 2-core machine (another benchmark ran beside it).",
@@ -82,6 +84,9 @@ def summarize(rev: str, n: int) -> None:
             f"| {b['model']} | {b['bits']} | {b['method']} | {b['fd']:.4f} | {a['fd']:.4f} | {b['psnr_vs_fp']:.2f} | "
             f"{a['psnr_vs_fp']:.2f} | {b['calib_seconds']:.0f} | {a['calib_seconds']:.0f} |"
         )
+    notes = OUT / "notes.md"  # hand-written, kept when the table is rewritten
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
     (OUT.parent / "trajectory_before_after.md").write_text("\n".join(lines) + "\n")
 
 
@@ -91,16 +96,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--models", nargs="+", default=["fashion-unet", "fashion-dit"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS))
+    ap.add_argument(
+        "--patch", type=Path, action="append", default=[],
+        help="a fix to apply to the --rev tree too (git apply), so both sides differ only by the change measured",
+    )  # fmt: skip
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     old = Path(tempfile.mkdtemp(prefix="diffquant-before-")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.rev], check=True)
+    for patch in args.patch:
+        subprocess.run(["git", "-C", str(old), "apply", str(patch.resolve())], check=True)
     try:
         for model in args.models:
             for row in args.rows:
                 run_table(old, OUT / "before", model, row, args.n)
                 run_table(ROOT, OUT / "after", model, row, args.n)
-                summarize(args.rev, args.n)
+                summarize(args.rev, args.n, tuple(args.patch))
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
 
