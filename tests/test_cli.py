@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffquant.cli import EXIT_USER_ERROR, app
-from diffquant.models import weights_path
+from diffquant.models import load_builtin, weights_path
 
 runner = CliRunner()
 
@@ -159,6 +159,24 @@ def test_missing_data_directory(tmp_path):
 
 def test_export_weights_missing_checkpoint(tmp_path):
     assert_user_error(run("export-weights", "unet", "--checkpoint", str(tmp_path / "none.pt")), "not found")
+    assert_user_error(run("export-weights", "sd", "--checkpoint", str(tmp_path)), "vae.pt and unet.pt")
+
+
+def test_export_weights_writes_loadable_shipped_weights(fake_fashion_dir, tmp_path, monkeypatch):
+    """The success path, with the shipped file redirected into the test's folder."""
+    import diffquant.models.builtin as builtin
+    from diffquant.train import train
+
+    ckpt = train("dit", tmp_path / "run", steps=2, data_dir=fake_fashion_dir, log=lambda s: None)
+    dest = tmp_path / "shipped" / "fashion-dit.safetensors"
+    monkeypatch.setattr(builtin, "weights_path", lambda name: dest)
+    result = run("export-weights", "dit", "--checkpoint", str(ckpt))
+    assert result.exit_code == 0, result.output
+    assert f"exported step 2: {dest}" in result.output
+    state = torch.load(ckpt, weights_only=False)
+    model = load_builtin("fashion-dit", weights=dest)
+    name = "dit.proj_out_2.weight"
+    assert torch.equal(model.state_dict()[name], state["ema"][name].half().float())
 
 
 def test_unknown_train_kind(tmp_path):

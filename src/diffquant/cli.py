@@ -722,19 +722,30 @@ def export_cmd(
 @app.command("export-weights")
 def export_weights_cmd(
     kind: Annotated[str, typer.Argument(help="unet, dit, features or sd (the fashion-sd pipeline).")],
-    checkpoint: Annotated[Path, typer.Option(help="A training checkpoint (checkpoint.pt).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(help="A training checkpoint (checkpoint.pt); for sd, the training directory (--out of train)."),
+    ],
     data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST idx directory (features only).")] = None,
 ):
     """Write a training checkpoint's EMA weights as the shipped weights of a built-in model.
 
-    For `features` this also recomputes the training-set feature statistics (needs the data set).
+    For `features` this also recomputes the training-set feature statistics (needs the data set); for
+    `sd` the pipeline folder is written (fp16 safetensors, `save_pretrained`'s layout).
 
     Example: diffquant export-weights unet --checkpoint /work/ckpt/unet/checkpoint.pt
     """
     from diffquant import train as training
 
-    if kind not in training.KIND_TO_MODEL:
-        _fail(f"Unknown kind {kind!r}; choose unet, dit or features.")
+    if kind not in (*training.KIND_TO_MODEL, "sd"):
+        _fail(f"Unknown kind {kind!r}; choose unet, dit, features or sd.")
+    if kind == "sd":
+        if not ((checkpoint / "vae.pt").is_file() and (checkpoint / "unet.pt").is_file()):
+            _fail(
+                f"{checkpoint} holds no fashion-sd training checkpoints (vae.pt and unet.pt); train with `diffquant train sd`."
+            )
+        typer.echo(f"exported {_run(training.export_sd, checkpoint)}")
+        return
     if not checkpoint.is_file():
         _fail(f"checkpoint not found: {checkpoint}")
     dest = _run(training.export_builtin, kind, checkpoint, data_dir)

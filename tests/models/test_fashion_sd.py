@@ -57,7 +57,7 @@ def test_attributes_are_tertiles_within_each_class():
     assert tone[:30].max() <= 1 and tone[30:].min() >= 1  # the dark tertile holds only darkened images
 
 
-def test_training_resumes_where_it_stopped_and_exports_a_pipeline(fake_fashion_dir, tmp_path):
+def test_training_resumes_where_it_stopped_and_exports_a_pipeline(fake_fashion_dir, tmp_path, monkeypatch):
     """Stopped after every step (``max_minutes=0``) through both phases and resumed each time: the same
     EMA weights, optimizer moments and latent scaling as one straight run; the export loads with
     ``StableDiffusionPipeline.from_pretrained``, generates from a prompt and by the evaluation protocol."""
@@ -75,6 +75,11 @@ def test_training_resumes_where_it_stopped_and_exports_a_pipeline(fake_fashion_d
     assert moments and all(torch.equal(a, b) for a, b in moments)
 
     folder = export_sd(tmp_path / "a", tmp_path / "pipe")
+    from tests.test_cli import run  # the CLI's export writes the shipped folder: redirected here
+
+    monkeypatch.setattr(sd, "pipeline_dir", lambda: tmp_path / "shipped")
+    result = run("export-weights", "sd", "--checkpoint", str(tmp_path / "a"))
+    assert result.exit_code == 0 and (tmp_path / "shipped" / "model_index.json").is_file(), result.output
     assert (folder / "model_index.json").is_file() and not list(tmp_path.glob(".pipe-*"))
     pipe = sd.load_fashion_sd(folder)
     assert pipe.vae.config.scaling_factor == pytest.approx(straight["scaling_factor"])
