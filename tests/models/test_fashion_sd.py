@@ -114,6 +114,7 @@ def test_cli_quantizes_fashion_sd_on_its_class_prompts_and_samples(tmp_path, mon
 
     monkeypatch.setattr(sd, "pipeline_dir", lambda: tmp_path / "missing")
     assert_user_error(run("quantize", "--model", "fashion-sd", "--out", str(tmp_path / "q")), "diffquant train sd")
+    assert not (tmp_path / "q").exists()
     torch.manual_seed(0)
     folder = sd.save_pipeline(sd.build_components(tiny_sd_config(), tmp_path / "tok"), tmp_path / "fashion-sd")
     monkeypatch.setattr(sd, "pipeline_dir", lambda: folder)
