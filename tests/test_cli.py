@@ -51,8 +51,10 @@ def test_models_lists_builtins():
     assert result.exit_code == 0
     assert "fashion-unet" in result.output and "fashion-dit" in result.output
     rows = json.loads(run("models", "--json").stdout.strip().splitlines()[-1])
-    assert {r["name"] for r in rows} >= {"fashion-unet", "fashion-dit", "fashion-features"}
-    assert all(r["weight_file_bytes"] > 0 for r in rows)
+    assert {r["name"] for r in rows} >= {"fashion-unet", "fashion-dit", "fashion-features", "fashion-sd"}
+    assert all(r["weight_file_bytes"] > 0 for r in rows if r["name"] != "fashion-sd")
+    sd = next(r for r in rows if r["name"] == "fashion-sd")  # listed whether or not its folder is trained yet
+    assert sd["kind"] == "sd" and (sd["weight_file_bytes"] is None or sd["weight_file_bytes"] > 0)
 
 
 def test_quantize_json_reports_sizes(tmp_path):

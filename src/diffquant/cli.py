@@ -140,11 +140,18 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model
         rows.append(
             {"name": name, "kind": cfg["kind"], "weight_file_bytes": path.stat().st_size if path.is_file() else None}
         )
+    from diffquant.models.fashion_sd import NAME, pipeline_dir
+
+    folder = pipeline_dir()  # the text-to-image pipeline: a diffusers folder (`--model fashion-sd`)
+    shipped = (folder / "model_index.json").is_file()
+    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors")) if shipped else None
+    rows.append({"name": NAME, "kind": "sd", "weight_file_bytes": size})
     if as_json:
         typer.echo(json.dumps(rows))
         return
     for r in rows:
-        size = f"{r['weight_file_bytes'] / 1e6:.1f} MB" if r["weight_file_bytes"] else "weights missing"
+        missing = "not trained yet (diffquant train sd)" if r["kind"] == "sd" else "weights missing"
+        size = f"{r['weight_file_bytes'] / 1e6:.1f} MB" if r["weight_file_bytes"] else missing
         typer.echo(f"{r['name']:18s} {r['kind']:9s} {size}")
 
 
