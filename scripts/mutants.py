@@ -102,12 +102,14 @@ MUTANTS = (
     ),
     Mutant(
         "resume-data-order", "train.py",
-        'g.set_state(ck["generator"])', "pass",
+        'g.set_state(ck["generator"])\n        torch.set_rng_state(ck["torch_rng"])',
+        'torch.set_rng_state(ck["torch_rng"])',
         ("tests/test_train.py",), "a resumed training run re-seeds its data order", quick=True,
     ),
     Mutant(
         "resume-optimizer", "train.py",
-        'opt.load_state_dict(ck["opt"])', "pass",
+        'opt.load_state_dict(ck["opt"])\n        g.set_state(ck["generator"])\n        torch.set_rng_state',
+        'g.set_state(ck["generator"])\n        torch.set_rng_state',
         ("tests/test_train.py",), "a resumed training run starts with a fresh optimizer",
     ),
     Mutant(
