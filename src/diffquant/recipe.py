@@ -237,7 +237,7 @@ class FinetuneConfig:
         warmup: warm-up steps of the learning rates.
         train: what is trained: ``lora`` (QALoRA: the adapters, added before the weight
             fake-quant), ``weights`` (the quantized layers' float weights themselves, full QAT with
-            straight-through rounding, at ``weight_lr``: every weight's Adam state and two snapshots
+            straight-through rounding, at ``weight_lr``; layers kept at float weights train theirs: every weight's Adam state and two snapshots
             (the best-scoring and the last finite state) in memory, for small models and ternary / binary weights, which a low-rank update moves little),
             ``scales`` (the activations' LSQ step sizes per quantizer and per step bucket, or the
             TDQ generators) and ``weight_scales`` (LSQ on the weight scales per

@@ -70,7 +70,8 @@ def test_full_weight_finetuning_trains_the_float_weights_of_ternary_layers(recor
     before = [m.integer_weight().clone() for m in quant_modules(q) if m.weight_qtype is not None]
     whole = copy.deepcopy(q)
     report = finetune(whole, trajectory, config, progress=False)
-    assert report["trained"]["weights"] == len(before) and report["trained"]["lora_layers"] == 0
+    with_weights = [m for m in quant_modules(q) if getattr(m, "weight", None) is not None or m.frozen]
+    assert report["trained"]["weights"] == len(with_weights) >= len(before) and report["trained"]["lora_layers"] == 0
     assert report["held_after"] < 0.8 * report["held_before"], report
     stopped = dataclasses.replace(config, max_minutes=1e-9)  # stopped after its first step, the same schedule
     assert finetune(copy.deepcopy(q), trajectory, stopped, checkpoint=tmp_path, progress=False)["stopped"]
@@ -81,6 +82,22 @@ def test_full_weight_finetuning_trains_the_float_weights_of_ternary_layers(recor
     diffquant.freeze(whole)
     after = [m.integer_weight() for m in quant_modules(whole) if m.weight_qtype is not None]
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # the ternary codes moved
+
+
+def test_full_weight_finetuning_of_float_weights_trains_the_activations_alone(recorded):
+    """``weights="none"`` with low-bit activations and ``train=("weights",)``: the float weights train
+    (QAT of the activations alone, the floor of any setting at those activations) and stay float."""
+    fp, trajectory = recorded
+    float_weights = INT2.replace(name="wfa2", weights="none", activations="int2")
+    q = quantize(copy.deepcopy(fp), float_weights, trajectory, progress=False)
+    assert all(m.weight_qtype is None for m in quant_modules(q))
+    before = [m.weight.detach().clone() for m in quant_modules(q)]
+    config = dataclasses.replace(FAST, train=("weights",), weight_lr=3e-3, iterations=40)
+    report = finetune(q, trajectory, config, progress=False)
+    assert report["trained"]["weights"] == len(before) > 0 and report["held_after"] < report["held_before"], report
+    after = [m.weight for m in quant_modules(q)]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert not any(p.requires_grad for p in q.parameters())
 
 
 def test_a_recipe_with_finetuning_quantizes_saves_and_loads(recorded, tmp_path):

@@ -9,7 +9,8 @@ What trains (``FinetuneConfig.train``):
   float weight before its fake-quant (straight-through rounding); merged into the weight at the end,
   so the model is integer weights and scales again with no extra inference cost.
 - ``weights``: the quantized layers' float weights themselves (full QAT, straight-through rounding),
-  re-quantized when the model is frozen; what ternary and binary weights need on small models.
+  re-quantized when the model is frozen; what ternary and binary weights need on small models. A layer
+  that keeps float weights (``weights="none"``) trains them too (QAT of the activations alone).
 - ``scales``: LSQ step sizes, as log-multipliers (a relative change, one learning rate for every
   layer): each static / bucketed activation quantizer's scale per bucket (one bucket per step is
   EfficientDM's TALSQ table), each TDQ quantizer's generator itself (the learnable mode TDQ was built
@@ -113,8 +114,10 @@ class Trainables:
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters = L.attach(model, config.rank, config.seed) if "lora" in config.train else []
-        self.weights = [
-            m.weight for m in quant_modules(model) if "weights" in config.train and m.weight_qtype is not None
+        self.weights = [  # a layer kept at float weights (weights="none") trains them too: QAT of the activations
+            m.weight
+            for m in quant_modules(model)
+            if "weights" in config.train and getattr(m, "weight", None) is not None
         ]
         self.act, self.tdq, self.weight = [], [], []
         if "scales" in config.train:
