@@ -39,15 +39,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from scale import cpu_model, sd15_pipeline, status_bytes  # noqa: E402  (benchmarks/scale.py, beside this file)
+
 RESULTS = HERE / "results"
 ROWS = ("sd15-pipe", "fashion-sd")
-
-
-def status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def weight_bytes(directory: Path) -> int:
@@ -56,9 +52,6 @@ def weight_bytes(directory: Path) -> int:
 
 def build(row: str, tmp: Path):
     if row == "sd15-pipe":
-        sys.path.insert(0, str(HERE))
-        from scale import sd15_pipeline
-
         return sd15_pipeline(tmp / "tokenizer"), ["a red shoe"]
     from diffquant.models.fashion_sd import load_fashion_sd
 
@@ -171,9 +164,6 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return
-    sys.path.insert(0, str(HERE))
-    from scale import cpu_model
-
     path = args.out.with_suffix(".json")
     record = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     record.update(

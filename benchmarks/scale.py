@@ -118,7 +118,8 @@ def my_sampler(n: int, steps: int, sdxl: bool):
     return run
 
 
-def _status(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes (-1 when absent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -126,7 +127,7 @@ def _status(field: str) -> int:
 
 
 def peak_rss() -> int:
-    return _status("VmHWM")
+    return status_bytes("VmHWM")
 
 
 class RssTrace:
@@ -156,7 +157,7 @@ class RssTrace:
         self.done.set()
         self.thread.join()
         if self.live is not None:
-            self.write(_status("VmRSS"), [])
+            self.write(status_bytes("VmRSS"), [])
 
     def _frames(self) -> list[str]:
         import traceback
@@ -172,7 +173,7 @@ class RssTrace:
 
     def _loop(self) -> None:
         while not self.done.wait(self.interval):
-            rss, frames = _status("VmRSS"), self._frames()
+            rss, frames = status_bytes("VmRSS"), self._frames()
             step = "outside quantize"
             for i, f in enumerate(frames):
                 if f.endswith(" run_methods") and i + 1 < len(frames):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffquant.denoiser import map_tensors, split_output
 from diffquant.recipe import CalibrationConfig
 
 # A small calibration: enough for representative scales, fast enough for a benchmark run.
@@ -110,21 +111,6 @@ def _round_ms(result: dict) -> dict:
     return {k: round(v, 2) if k.endswith("_ms") else v for k, v in result.items()}
 
 
-def _output(out) -> torch.Tensor:
-    """The tensor of a denoiser's output (diffusers models return an output object or a tuple)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.sample if hasattr(out, "sample") else out[0]
-
-
-def _to(value, device: str):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def bench_forward(
     fp: nn.Module,
@@ -160,11 +146,12 @@ def bench_forward(
 
     device = backend_device(backend)
     fp, quantized = fp.to(device), quantized.to(device)
-    args, kwargs = inputs if inputs is not None else (example_inputs(fp, batch), {})
-    args, kwargs = tuple(_to(a, device) for a in args), _to(kwargs, device)
+    args, kwargs = map_tensors(
+        lambda v: v.to(device), inputs if inputs is not None else (example_inputs(fp, batch), {})
+    )
 
-    def call(m: nn.Module) -> Callable[[], torch.Tensor]:
-        return lambda: _output(m(*args, **kwargs))
+    def call(m: nn.Module) -> Callable[[], torch.Tensor]:  # diffusers models return an output object: its tensor
+        return lambda: split_output(m(*args, **kwargs))[0]
 
     result = {
         "recipe": quantized.diffquant_recipe.name,

@@ -306,10 +306,10 @@ def eval_(
             typer.echo(f"{k:18s} {v}")
 
 
-def _pipeline_denoisers(quantized: Path, batch: int):
-    """``(fp denoiser, quantized denoiser, (args, kwargs) of one call, source)`` of a pipeline directory."""
-    from diffquant.integrations.folders import example_call, load_model
-    from diffquant.integrations.pipelines import denoiser_name
+def _pipeline_pair(quantized: Path):
+    """``(quantized pipeline, FP pipeline, source)`` of a pipeline directory: the FP one is the folder,
+    hub id or built-in name its meta.json records as the source it was quantized from."""
+    from diffquant.integrations.folders import load_model
     from diffquant.serialization import load_quantized
 
     source = _meta(quantized).get("source")
@@ -317,11 +317,17 @@ def _pipeline_denoisers(quantized: Path, batch: int):
         _fail(
             f"{quantized} does not say which pipeline it was quantized from (no source in meta.json); quantize again."
         )
-    reference = _run(load_model, source)
-    pipe = _run(load_quantized, quantized)
+    return _run(load_quantized, quantized), _run(load_model, source), source
+
+
+def _pipeline_denoisers(quantized: Path, batch: int):
+    """``(fp denoiser, quantized denoiser, (args, kwargs) of one call, source)`` of a pipeline directory."""
+    from diffquant.integrations.folders import example_call
+    from diffquant.integrations.pipelines import denoiser_name
+
+    pipe, reference, source = _pipeline_pair(quantized)
     name = denoiser_name(pipe)
-    tokenizer = getattr(pipe, "tokenizer", None)
-    tokens = getattr(tokenizer, "model_max_length", None)
+    tokens = getattr(getattr(pipe, "tokenizer", None), "model_max_length", None)
     tokens = tokens if isinstance(tokens, int) and 0 < tokens <= 4096 else 77
     fp, q = getattr(reference, name).eval(), getattr(pipe, name).eval()
     return fp, q, _run(example_call, fp, batch, 500, tokens), source
@@ -329,17 +335,9 @@ def _pipeline_denoisers(quantized: Path, batch: int):
 
 def _eval_pipeline(quantized: Path, n: int, steps: int, seed: int, prompt, guidance, batch_size: int) -> dict:
     """``eval --quantized DIR`` of a pipeline directory: against the FP pipeline named in its meta.json."""
-    from diffquant.integrations.folders import load_model
     from diffquant.integrations.pipelines import evaluate_pipeline
-    from diffquant.serialization import load_quantized
 
-    source = _meta(quantized).get("source")
-    if not source:
-        _fail(
-            f"{quantized} does not say which pipeline it was quantized from (no source in meta.json); quantize again."
-        )
-    reference = _run(load_model, source)
-    pipe = _run(load_quantized, quantized)
+    pipe, reference, source = _pipeline_pair(quantized)
     fashion = source == "fashion-sd"
     result = _run(evaluate_pipeline, pipe, reference, n, steps, seed, prompt, guidance, batch_size, fashion)
     return {"quantized": str(quantized), "source": source, **result}
@@ -607,16 +605,10 @@ def report(
     _threads(threads)
     meta = _meta(quantized)
     if meta.get("pipeline_class"):
-        from diffquant.integrations.folders import load_model
         from diffquant.report.pipeline_report import write_pipeline_report
 
-        source = meta.get("source")
-        if not source:
-            _fail(f"{quantized} does not say which pipeline it was quantized from (no source in meta.json).")
         recipe_name = _run(read_meta, quantized)[1].name
-        from diffquant.serialization import load_quantized
-
-        reference, pipe = _run(load_model, source), _run(load_quantized, quantized)
+        pipe, reference, source = _pipeline_pair(quantized)
         fashion = source == "fashion-sd"
         page = _run(write_pipeline_report, pipe, reference, out, source, recipe_name, n, steps, prompt, fashion)
         typer.echo(f"report: {page}")

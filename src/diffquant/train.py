@@ -62,6 +62,11 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+def _append_log(out_dir: Path, record: dict) -> None:
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def train(
     kind: str,
     out_dir: str | Path,
@@ -193,8 +198,7 @@ def train(
                 "lr": opt.param_groups[0]["lr"],
                 "elapsed_s": round(elapsed, 1),
             }
-            with open(out_dir / "log.jsonl", "a") as logf:
-                logf.write(json.dumps(rec) + "\n")
+            _append_log(out_dir, rec)
             log(f"step {step}/{total} loss {running / seen:.4f} ({elapsed / 60:.1f} min)")
             running, seen = 0.0, 0
         if out_of_time:
@@ -290,11 +294,6 @@ def export_builtin(kind: str, ckpt_path: str | Path, data_dir: str | Path | None
 
 
 # ---- fashion-sd: a latent text-to-image pipeline, trained in two phases (VAE, then UNet + text encoder)
-
-
-def _append_log(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _sd_data(data_dir, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
