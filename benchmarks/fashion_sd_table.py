@@ -11,8 +11,10 @@ generator scores at that N) and the same test images through the VAE (encode, de
 latent space alone costs). Quantized rows (guidance 3) quantize the pipeline's UNet with each recipe,
 calibrated by running the pipeline on its ten class prompts at guidance 3 (what ``diffquant quantize
 --model fashion-sd`` does), and are scored beside the FP row of the same run, with PSNR against the
-FP images from identical noise and prompts. Rows are appended as they finish; a rerun skips them.
-Results: ``benchmarks/results/fashion_sd_table_n{N}.{json,md}``; the grid: ``docs/samples_fashion-sd.png``.
+FP images from identical noise and prompts, and a per-step error curve: the noise prediction's SQNR
+at each step of the FP pipeline's own trajectory (its UNet calls recorded and replayed on the quantized
+UNet, so each step's error is the model's, not accumulated drift). Rows are appended as they finish; a rerun skips them.
+Results: ``benchmarks/results/fashion_sd_table_n{N}.{json,md}`` and ``..._step_sqnr.png``; the grid: ``docs/samples_fashion-sd.png``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from diffquant.eval import Evaluator
 from diffquant.eval.evaluate import load_reference
 from diffquant.eval.metrics import psnr_per_image
 from diffquant.models import fashion_sd as sd
+from diffquant.report.pipeline_report import pipeline_step_sqnr
+from diffquant.report.plots import plot_step_sqnr
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
+STEP_SAMPLES = 20  # per-step error curves: two samples per class prompt (noise seed 777, not calibration's)
 
 
 def vae_floor(pipe, evaluator: Evaluator, n: int) -> dict:
@@ -119,8 +124,14 @@ def main() -> None:
         images, labels = sd.generate(q, args.n, args.steps, sd.GUIDANCE, batch_size=args.batch)
         score = evaluator.score(images, labels)
         psnr = float(psnr_per_image(images, fp_images[sd.GUIDANCE]).mean())
-        save({"bits": name, "guidance": sd.GUIDANCE, **score, "psnr_vs_fp": psnr, "calib_seconds": calib})
+        curve = pipeline_step_sqnr(pipe, q, STEP_SAMPLES, args.steps, prompts, {"guidance_scale": sd.GUIDANCE})
+        row = {"bits": name, "guidance": sd.GUIDANCE, **score, "psnr_vs_fp": psnr, "calib_seconds": calib}
+        save({**row, "step_sqnr": curve})
         del q
+    curves = {r["bits"]: r["step_sqnr"] for r in record["rows"] if "step_sqnr" in r}
+    if curves:
+        title = f"fashion-sd, guidance {sd.GUIDANCE}: error of each step on the FP trajectory ({STEP_SAMPLES} samples)"
+        plot_step_sqnr(curves, out.with_name(out.name + "_step_sqnr.png"), title)
 
 
 def write_markdown(record: dict, path: Path) -> None:
@@ -136,8 +147,8 @@ def write_markdown(record: dict, path: Path) -> None:
         "consistency: the classifier agrees with the class the prompt names; gap: FD against the FP row of the "
         "same guidance in this run; PSNR: against the FP images from identical noise and prompts.",
         "",
-        "| row | guidance | FD | FD gap | class consistency | PSNR vs FP (dB) | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | guidance | FD | FD gap | class consistency | PSNR vs FP (dB) | step SQNR min / median (dB) | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = fp.get(r["guidance"])
@@ -146,7 +157,9 @@ def write_markdown(record: dict, path: Path) -> None:
         psnr = f"{r['psnr_vs_fp']:.2f}" if "psnr_vs_fp" in r else (f"{r['psnr']:.2f} (vs input)" if "psnr" in r else "")
         fd = f"{r['fd']:.3f}" if r["fd"] is not None else "n/a"
         secs = r.get("calib_seconds", r.get("seconds", ""))
-        lines.append(f"| {r['bits']} | {r['guidance']} | {fd} | {gap} | {cc} | {psnr} | {secs} |")
+        db = sorted(x["sqnr_db"] for x in r.get("step_sqnr", []))
+        steps = f"{db[0]:.1f} / {db[len(db) // 2]:.1f}" if db else ""
+        lines.append(f"| {r['bits']} | {r['guidance']} | {fd} | {gap} | {cc} | {psnr} | {steps} | {secs} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -15,17 +15,21 @@ from diffquant.report.plots import plot_step_sqnr
 
 
 @torch.no_grad()
-def pipeline_step_sqnr(reference, pipe, n: int = 4, steps: int = 50, prompts=None, pipeline_kwargs=None) -> list[dict]:
+def pipeline_step_sqnr(
+    reference, pipe, n: int = 4, steps: int = 50, prompts=None, pipeline_kwargs=None, seed: int = 777
+) -> list[dict]:
     """Noise-prediction SQNR of ``pipe``'s denoiser against ``reference``'s at every step of the reference
     pipeline's own trajectory (its denoiser calls recorded, then replayed on the quantized one: the same
-    ``x_t`` and conditioning, so each step's error is the model's own, not accumulated drift).
+    ``x_t`` and conditioning, so each step's error is the model's own, not accumulated drift). ``seed``:
+    the trajectories' noise (default not the calibration seed, so the curve is not measured on the data
+    the ranges were fitted to).
 
     Returns one ``{"index", "t", "sqnr_db"}`` per step.
     """
     from diffquant.integrations.pipelines import PipelineRunner, denoiser_name
 
     name = denoiser_name(reference)
-    config = CalibrationConfig(selection="all", n_samples=n, steps=steps, batch_size=n)
+    config = CalibrationConfig(selection="all", n_samples=n, steps=steps, batch_size=n, seed=seed)
     trajectory = PipelineRunner(reference, prompts, None, pipeline_kwargs).record(config, progress=False)
     model = getattr(pipe, name)
     arg = input_name(model)

@@ -16,22 +16,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_step_sqnr(per_step: list[dict], path: str | os.PathLike, title: str) -> Path:
-    """Noise-prediction SQNR (dB) against the time step, noisiest step on the left."""
+def plot_step_sqnr(per_step: list[dict] | dict[str, list[dict]], path: str | os.PathLike, title: str) -> Path:
+    """Noise-prediction SQNR (dB) against the time step, noisiest step on the left.
+
+    ``per_step``: one curve (``{"t", "sqnr_db"}`` per step) or several, by label (a legend names them).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = [r["t"] for r in per_step]
-    db = [min(r["sqnr_db"], 120.0) for r in per_step]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.plot(t, db, marker="o", ms=3, lw=1.5, color="#3465a4")
-    ax.set_xlim(max(t) + 10, min(t) - 10)
+    curves = per_step if isinstance(per_step, dict) else {None: per_step}
+    fig, ax = plt.subplots(figsize=(6.4, 3.2 if len(curves) == 1 else 3.8))
+    ts = []
+    for label, curve in curves.items():
+        t = [r["t"] for r in curve]
+        ts += t
+        db = [min(r["sqnr_db"], 120.0) for r in curve]
+        ax.plot(t, db, marker="o", ms=3, lw=1.5, label=label, **({"color": "#3465a4"} if label is None else {}))
+    ax.set_xlim(max(ts) + 10, min(ts) - 10)
     ax.set_xlabel("time step t (sampling runs left to right)")
     ax.set_ylabel("ε-prediction SQNR (dB)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
