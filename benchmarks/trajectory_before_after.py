@@ -11,6 +11,15 @@ like with like. Before the change each method
 re-ran the FP sampler (calibration 128 trajectories, GPTQ 64, the output correction 64); after it one
 recording serves them all. Results: ``benchmarks/results/trajectory_before_after/{before,after}.json``
 and ``trajectory_before_after.md`` (FD, PSNR vs FP and calibration seconds side by side).
+
+What "the same within float summation noise" means for a row is measured, not assumed: ``--tag NAME
+--env KEY=VALUE`` runs the rows again on both sides with the environment changed (e.g. oneDNN limited
+to its AVX2 kernels, which sum convolutions in another order: outputs differ at 1e-6), into
+``{before,after}_NAME.json``; the table then shows how far the same code moves under that perturbation
+beside how far the change moved it. ``--summarize`` rewrites the table only.
+
+    python benchmarks/trajectory_before_after.py --rev 2ae3200 --tag avx2-kernels \
+        --env ONEDNN_MAX_CPU_ISA=AVX2 --env MKL_ENABLE_INSTRUCTIONS=AVX2 --models fashion-unet --rows W8A4:tdq-out
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ OUT = ROOT / "benchmarks" / "results" / "trajectory_before_after"
 ROWS = ("W8A8:default", "W4A8:default", "W8A4:tdq-out")
 
 
-def run_table(tree: Path, out: Path, model: str, row: str, n: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+def run_table(tree: Path, out: Path, model: str, row: str, n: int, extra_env: dict | None = None) -> None:
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": str(tree / "src")}
     cmd = [sys.executable, str(tree / "benchmarks" / "ptq_table.py"), "--models", model, "--rows", row]
     cmd += ["--n", str(n), "--out", str(out)]
     subprocess.run(cmd, cwd=tree, env=env, check=True)
@@ -56,6 +65,10 @@ def flags() -> str:
     return "flags " + ", ".join(f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
 
 
+def _key(row: dict) -> tuple:
+    return row["model"], row["bits"], row["method"]
+
+
 def summarize(rev: str, n: int, patches: tuple[Path, ...] = ()) -> None:
     before = json.loads((OUT / "before.json").read_text())["rows"]
     after = json.loads((OUT / "after.json").read_text())["rows"]
@@ -75,15 +88,36 @@ def summarize(rev: str, n: int, patches: tuple[Path, ...] = ()) -> None:
     for b in before:
         if b["bits"] == "FP32":
             continue
-        a = next(
-            (r for r in after if (r["model"], r["bits"], r["method"]) == (b["model"], b["bits"], b["method"])), None
-        )
+        a = next((r for r in after if _key(r) == _key(b)), None)
         if a is None:
             continue
         lines.append(
             f"| {b['model']} | {b['bits']} | {b['method']} | {b['fd']:.4f} | {a['fd']:.4f} | {b['psnr_vs_fp']:.2f} | "
             f"{a['psnr_vs_fp']:.2f} | {b['calib_seconds']:.0f} | {a['calib_seconds']:.0f} |"
         )
+    for path in sorted(OUT.glob("before_*.json")):
+        tag = path.stem.removeprefix("before_")
+        other = OUT / f"after_{tag}.json"
+        env = json.loads((OUT / f"{tag}.env.json").read_text()) if (OUT / f"{tag}.env.json").is_file() else {}
+        lines += [
+            "",
+            f"Float-noise check `{tag}`: the same rows, same code on each side, with "
+            + (", ".join(f"`{k}={v}`" for k, v in env.items()) or "a changed environment")
+            + ". FD and PSNR of the default run, then of the perturbed run:",
+            "",
+            "| model | bits | method | side | FD | FD perturbed | PSNR | PSNR perturbed |",
+            "|---|---|---|---|---:|---:|---:|---:|",
+        ]
+        for side, default, perturbed in (("before", before, path), ("after", after, other)):
+            rows = json.loads(perturbed.read_text())["rows"] if perturbed.is_file() else []
+            for r in rows:
+                d = next((x for x in default if _key(x) == _key(r)), None)
+                if r["bits"] == "FP32" or d is None:
+                    continue
+                lines.append(
+                    f"| {r['model']} | {r['bits']} | {r['method']} | {side} | {d['fd']:.4f} | {r['fd']:.4f} | "
+                    f"{d['psnr_vs_fp']:.2f} | {r['psnr_vs_fp']:.2f} |"
+                )
     notes = OUT / "notes.md"  # hand-written, kept when the table is rewritten
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
@@ -100,8 +134,23 @@ def main() -> None:
         "--patch", type=Path, action="append", default=[],
         help="a fix to apply to the --rev tree too (git apply), so both sides differ only by the change measured",
     )  # fmt: skip
+    ap.add_argument("--tag", default=None, help="results go to {before,after}_TAG.json (with --env)")
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="environment of both sides' runs (with --tag): a float-noise perturbation of the same code",
+    )  # fmt: skip
+    ap.add_argument("--summarize", action="store_true", help="only rewrite trajectory_before_after.md")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.rev, args.n, tuple(args.patch))
+        return
+    if bool(args.env) != bool(args.tag) or any("=" not in e for e in args.env):
+        ap.error("--env KEY=VALUE and --tag NAME go together")
+    env = dict(e.split("=", 1) for e in args.env)
+    suffix = f"_{args.tag}" if args.tag else ""
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.tag:
+        (OUT / f"{args.tag}.env.json").write_text(json.dumps(env, indent=2) + "\n")
     old = Path(tempfile.mkdtemp(prefix="diffquant-before-")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.rev], check=True)
     for patch in args.patch:
@@ -109,8 +158,8 @@ def main() -> None:
     try:
         for model in args.models:
             for row in args.rows:
-                run_table(old, OUT / "before", model, row, args.n)
-                run_table(ROOT, OUT / "after", model, row, args.n)
+                run_table(old, OUT / f"before{suffix}", model, row, args.n, env)
+                run_table(ROOT, OUT / f"after{suffix}", model, row, args.n, env)
                 summarize(args.rev, args.n, tuple(args.patch))
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
