@@ -46,3 +46,28 @@ def test_auto_recipe_resolves_overrides_and_round_trips(tmp_path):
     out = q(x, t, y)
     save_quantized(q, tmp_path / "q")
     assert torch.equal(load_quantized(tmp_path / "q", model=tiny_model("dit"))(x, t, y), out)
+
+
+def test_sensitivity_probes_hold_one_prepared_copy_at_a_time(monkeypatch):
+    """Each format's probe copy is freed before the next is made: peak memory is the model plus one copy."""
+    import copy
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from diffquant.methods import mixed
+
+    real, copies, alive = copy.deepcopy, [], []
+
+    def deepcopy(obj, memo=None):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in copies))
+        out = real(obj, memo)
+        copies.append(weakref.ref(out))
+        return out
+
+    model = tiny_model("dit")
+    recipe = get_recipe("auto").replace(calibration={"n_samples": 4, "steps": 6, "every": 2, "batch_size": 4})
+    monkeypatch.setattr(mixed, "copy", SimpleNamespace(deepcopy=deepcopy))  # mixed's copies only
+    quantize(model, recipe, progress=False)
+    assert alive == [0, 0]

@@ -119,7 +119,7 @@ def mixed_precision_recipe(
 ) -> tuple[Recipe, list[LayerChoice]]:
     """Resolve ``recipe.weight_bits_budget`` into per-layer overrides (low format -> ``int8``).
 
-    Each format's copy of the model is prepared and its activation ranges calibrated on
+    Each format's copy of the model (one at a time) is prepared and its activation ranges calibrated on
     ``trajectory`` (round-to-nearest weights) before its layers' sensitivities are measured.
     Returns the recipe with explicit overrides (and no budget left to resolve) and the choices.
     """
@@ -141,6 +141,7 @@ def mixed_precision_recipe(
             for n, mod in m.named_modules()
             if isinstance(mod, QuantModule) and mod.weight_qtype is not None
         }
+        del m  # one prepared copy at a time beside the model, not two while the next is built
     choices = [LayerChoice(n, params[n], errors["low"][n], errors["high"][n]) for n in errors["low"]]
     allocate(choices, low_bits, high_bits, recipe.weight_bits_budget)
     overrides = tuple(Override(c.name, weights="int8", weight_group_size=0) for c in choices if c.upgraded)
