@@ -283,6 +283,58 @@ def sample_pipeline(
     return np.concatenate(out)
 
 
+def pipeline_images(
+    pipe,
+    reference,
+    n: int = 100,
+    steps: int = 50,
+    seed: int = 0,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    fashion: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """The images :func:`evaluate_pipeline` scores: ``(images, reference_images, labels, guidance)``,
+    ``(n, C, H, W)`` in ``[-1, 1]`` from identical noise (and prompts); ``labels`` (the class each prompt
+    names) for ``fashion``, else ``None``."""
+    if fashion:
+        from diffquant.models.fashion_sd import GUIDANCE, generate
+
+        if prompt is not None:
+            raise ValueError("fashion-sd is evaluated on its class prompts; leave --prompt out")
+        guidance = GUIDANCE if guidance_scale is None else guidance_scale
+        images, labels = generate(pipe, n, steps, guidance, seed, batch_size)
+        ref, _ = generate(reference, n, steps, guidance, seed, batch_size)
+        return images, ref, labels, guidance
+    images, ref = (
+        torch.from_numpy(sample_pipeline(p, n, steps, seed, prompt, guidance_scale, batch_size)).permute(0, 3, 1, 2)
+        * 2 - 1
+        for p in (pipe, reference)
+    )  # fmt: skip
+    return images, ref, None, guidance_scale
+
+
+def score_pipeline_images(images, ref, labels=None) -> dict:
+    """PSNR of ``images`` against ``ref`` (mean per image, dB); with ``labels`` (a ``fashion-sd`` pair)
+    also both sets' FD against the training set (``fd``, ``fd_fp``), their prompt-class consistency and
+    ``fd_vs_fp``, the FD between the two sets in ``fashion-features`` space."""
+    from diffquant.eval.metrics import psnr_per_image
+
+    out = {}
+    if labels is not None:
+        from diffquant.eval import Evaluator
+        from diffquant.eval.evaluate import extract_features
+        from diffquant.eval.fd import feature_stats, frechet_distance
+
+        evaluator = Evaluator()
+        score, ref_score = evaluator.score(images, labels), evaluator.score(ref, labels)
+        a, b = (feature_stats(extract_features(evaluator.feature_net, x)) for x in (images, ref))
+        out.update(fd=score["fd"], fd_fp=ref_score["fd"], fd_vs_fp=frechet_distance(a, b))
+        out.update(class_consistency=score["class_consistency"], class_consistency_fp=ref_score["class_consistency"])
+    out["psnr_vs_fp"] = float(psnr_per_image(images, ref).mean())
+    return out
+
+
 def evaluate_pipeline(
     pipe,
     reference,
@@ -302,39 +354,22 @@ def evaluate_pipeline(
     prompt-class consistency, and ``fd_vs_fp``: the FD between the two image sets in
     ``fashion-features`` space. Any other pipeline: images of :func:`sample_pipeline` (``prompt`` for
     a text-conditioned one) and PSNR only (there is no feature space for an arbitrary domain here).
+    The images: :func:`pipeline_images`; the scores: :func:`score_pipeline_images`.
 
     Returns:
         ``{"n", "steps", "seed", "guidance_scale", "psnr_vs_fp", ...}`` (``psnr_vs_fp``: mean per-image
         PSNR in dB, images in ``[-1, 1]``).
     """
-    from diffquant.eval.metrics import psnr_per_image
-
-    out = {"n": n, "steps": steps, "seed": seed}
-    if fashion:
-        from diffquant.eval import Evaluator
-        from diffquant.eval.evaluate import extract_features
-        from diffquant.eval.fd import feature_stats, frechet_distance
-        from diffquant.models.fashion_sd import GUIDANCE, generate
-
-        if prompt is not None:
-            raise ValueError("fashion-sd is evaluated on its class prompts; leave --prompt out")
-        guidance = GUIDANCE if guidance_scale is None else guidance_scale
-        images, labels = generate(pipe, n, steps, guidance, seed, batch_size)
-        ref, _ = generate(reference, n, steps, guidance, seed, batch_size)
-        evaluator = Evaluator()
-        score, ref_score = evaluator.score(images, labels), evaluator.score(ref, labels)
-        a, b = (feature_stats(extract_features(evaluator.feature_net, x)) for x in (images, ref))
-        out.update(guidance_scale=guidance, fd=score["fd"], fd_fp=ref_score["fd"], fd_vs_fp=frechet_distance(a, b))
-        out.update(class_consistency=score["class_consistency"], class_consistency_fp=ref_score["class_consistency"])
-    else:
-        images, ref = (
-            torch.from_numpy(sample_pipeline(p, n, steps, seed, prompt, guidance_scale, batch_size)).permute(0, 3, 1, 2)
-            * 2 - 1
-            for p in (pipe, reference)
-        )  # fmt: skip
-        out["guidance_scale"] = guidance_scale
-    out["psnr_vs_fp"] = float(psnr_per_image(images, ref).mean())
-    return out
+    images, ref, labels, guidance = pipeline_images(
+        pipe, reference, n, steps, seed, prompt, guidance_scale, batch_size, fashion
+    )
+    return {
+        "n": n,
+        "steps": steps,
+        "seed": seed,
+        "guidance_scale": guidance,
+        **score_pipeline_images(images, ref, labels),
+    }
 
 
 def save_images(images, path: str | os.PathLike, ncol: int = 8) -> Path:

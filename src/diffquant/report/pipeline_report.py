@@ -58,21 +58,21 @@ def write_pipeline_report(
     :func:`~diffquant.integrations.pipelines.sample_pipeline` with ``prompt`` and PSNR. Writes
     ``report.html``, ``fp.png``, ``quantized.png``, ``step_sqnr.png`` and ``results.json`` into ``out``.
     """
-    from diffquant.integrations.pipelines import evaluate_pipeline, is_text_conditioned, sample_pipeline
+    from diffquant.integrations.pipelines import is_text_conditioned, pipeline_images, score_pipeline_images
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_pipeline(pipe, reference, n, steps, 0, prompt, None, 8, fashion)
+    images, ref, labels, guidance = pipeline_images(pipe, reference, n, steps, 0, prompt, None, 8, fashion)
+    metrics = {"n": n, "steps": steps, "seed": 0, "guidance_scale": guidance}
+    metrics.update(score_pipeline_images(images, ref, labels))
     if fashion:
-        from diffquant.models.fashion_sd import CLASS_NOUNS, GUIDANCE, generate
+        from diffquant.models.fashion_sd import CLASS_NOUNS, GUIDANCE
         from diffquant.models.fashion_sd import prompt as class_prompt
 
         per_class = max(1, min(8, n // len(CLASS_NOUNS)))
-        count = per_class * len(CLASS_NOUNS)
-        for p, file in ((reference, "fp.png"), (pipe, "quantized.png")):
-            images, labels = generate(p, count, steps, GUIDANCE, seed=0)
-            grid = torch.cat([images[labels == c] for c in range(len(CLASS_NOUNS))])
-            save_grid(grid, out / file, ncol=per_class)
+        for x, file in ((ref, "fp.png"), (images, "quantized.png")):  # the scored images, a column per class
+            save_grid(torch.cat([x[labels == c][:per_class] for c in range(len(CLASS_NOUNS))]), out / file,
+                      ncol=per_class)  # fmt: skip
         prompts, kwargs = [class_prompt(c) for c in range(len(CLASS_NOUNS))], {"guidance_scale": GUIDANCE}
         rows = [
             {"model": f"{name} (FP32)", "fd": metrics["fd_fp"], "class_consistency": metrics["class_consistency_fp"],
@@ -84,9 +84,8 @@ def write_pipeline_report(
                    ("psnr_vs_fp", "PSNR vs FP (dB) ↑")]  # fmt: skip
     else:
         count = min(n, 16)
-        for p, file in ((reference, "fp.png"), (pipe, "quantized.png")):
-            images = torch.from_numpy(sample_pipeline(p, count, steps, 0, prompt)).permute(0, 3, 1, 2) * 2 - 1
-            save_grid(images, out / file, ncol=min(count, 8), upscale=1)
+        for x, file in ((ref, "fp.png"), (images, "quantized.png")):  # the first of the scored images
+            save_grid(x[:count], out / file, ncol=min(count, 8), upscale=1)
         prompts = [prompt] if is_text_conditioned(reference) else None
         kwargs = None
         rows = [
