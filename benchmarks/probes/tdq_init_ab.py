@@ -35,10 +35,6 @@ if rep is None and hasattr(m, "diffquant_report"):
         else str(rep)[:2000]
     )
 torch.save({n: b for n, b in m.state_dict().items() if n.endswith("quantizer.scale")}, sys.argv[1])
-tables = {
-    n: b for n, b in m.state_dict().items() if n.endswith("input_quantizer.scale") or n.endswith("quantizer.scale")
-}
-torch.save(tables, sys.argv[1])
 print(json.dumps(rep, default=str)[:1500])
 ft = {
     n: mod.fit_targets

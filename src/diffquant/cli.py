@@ -335,12 +335,15 @@ def _pipeline_denoisers(quantized: Path, batch: int):
 
 def _eval_pipeline(quantized: Path, n: int, steps: int, seed: int, prompt, guidance, batch_size: int) -> dict:
     """``eval --quantized DIR`` of a pipeline directory: against the FP pipeline named in its meta.json."""
-    from diffquant.integrations.pipelines import evaluate_pipeline
+    from diffquant.integrations.pipelines import pipeline_images, score_pipeline_images
 
     pipe, reference, source = _pipeline_pair(quantized)
     fashion = source == "fashion-sd"
-    result = _run(evaluate_pipeline, pipe, reference, n, steps, seed, prompt, guidance, batch_size, fashion)
-    return {"quantized": str(quantized), "source": source, **result}
+    images, ref, labels, guidance = _run(
+        pipeline_images, pipe, reference, n, steps, seed, prompt, guidance, batch_size, fashion
+    )
+    result = {"n": n, "steps": steps, "seed": seed, "guidance_scale": guidance}
+    return {"quantized": str(quantized), "source": source, **result, **score_pipeline_images(images, ref, labels)}
 
 
 @app.command()

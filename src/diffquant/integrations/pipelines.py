@@ -294,9 +294,17 @@ def pipeline_images(
     batch_size: int = 8,
     fashion: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """The images :func:`evaluate_pipeline` scores: ``(images, reference_images, labels, guidance)``,
-    ``(n, C, H, W)`` in ``[-1, 1]`` from identical noise (and prompts); ``labels`` (the class each prompt
-    names) for ``fashion``, else ``None``."""
+    """Images of a quantized pipeline and its FP ``reference`` from identical noise (and prompts), to score
+    with :func:`score_pipeline_images` (``diffquant eval`` and ``report`` on a pipeline directory).
+
+    With ``fashion`` (a ``fashion-sd`` pipeline) they are the evaluation protocol's
+    (:func:`diffquant.models.fashion_sd.generate`: the class prompts, guidance 3 unless given); any other
+    pipeline: :func:`sample_pipeline`'s (``prompt`` for a text-conditioned one).
+
+    Returns:
+        ``(images, reference_images, labels, guidance)``: ``(n, C, H, W)`` in ``[-1, 1]``; ``labels`` (the
+        class each prompt names) for ``fashion``, else ``None``; the guidance scale used.
+    """
     if fashion:
         from diffquant.models.fashion_sd import GUIDANCE, generate
 
@@ -315,9 +323,11 @@ def pipeline_images(
 
 
 def score_pipeline_images(images, ref, labels=None) -> dict:
-    """PSNR of ``images`` against ``ref`` (mean per image, dB); with ``labels`` (a ``fashion-sd`` pair)
-    also both sets' FD against the training set (``fd``, ``fd_fp``), their prompt-class consistency and
-    ``fd_vs_fp``, the FD between the two sets in ``fashion-features`` space."""
+    """Fidelity of :func:`pipeline_images`' pair: ``psnr_vs_fp``, the mean per-image PSNR (dB) of ``images``
+    against ``ref``; with ``labels`` (a ``fashion-sd`` pair) also both sets' FD against the training set
+    (``fd``, ``fd_fp``), their prompt-class consistency and ``fd_vs_fp``, the FD between the two sets in
+    ``fashion-features`` space. Any other pipeline gets PSNR only (there is no feature space for an
+    arbitrary domain here)."""
     from diffquant.eval.metrics import psnr_per_image
 
     out = {}
@@ -333,43 +343,6 @@ def score_pipeline_images(images, ref, labels=None) -> dict:
         out.update(class_consistency=score["class_consistency"], class_consistency_fp=ref_score["class_consistency"])
     out["psnr_vs_fp"] = float(psnr_per_image(images, ref).mean())
     return out
-
-
-def evaluate_pipeline(
-    pipe,
-    reference,
-    n: int = 100,
-    steps: int = 50,
-    seed: int = 0,
-    prompt: str | None = None,
-    guidance_scale: float | None = None,
-    batch_size: int = 8,
-    fashion: bool = False,
-) -> dict:
-    """Fidelity of a quantized pipeline to its FP ``reference`` from identical noise (and prompts).
-
-    With ``fashion`` (a ``fashion-sd`` pipeline) the images are the evaluation protocol's
-    (:func:`diffquant.models.fashion_sd.generate`: the class prompts, guidance 3 unless given) and the
-    result holds their FD against the training set (``fd``, and the reference's ``fd_fp``), the
-    prompt-class consistency, and ``fd_vs_fp``: the FD between the two image sets in
-    ``fashion-features`` space. Any other pipeline: images of :func:`sample_pipeline` (``prompt`` for
-    a text-conditioned one) and PSNR only (there is no feature space for an arbitrary domain here).
-    The images: :func:`pipeline_images`; the scores: :func:`score_pipeline_images`.
-
-    Returns:
-        ``{"n", "steps", "seed", "guidance_scale", "psnr_vs_fp", ...}`` (``psnr_vs_fp``: mean per-image
-        PSNR in dB, images in ``[-1, 1]``).
-    """
-    images, ref, labels, guidance = pipeline_images(
-        pipe, reference, n, steps, seed, prompt, guidance_scale, batch_size, fashion
-    )
-    return {
-        "n": n,
-        "steps": steps,
-        "seed": seed,
-        "guidance_scale": guidance,
-        **score_pipeline_images(images, ref, labels),
-    }
 
 
 def save_images(images, path: str | os.PathLike, ncol: int = 8) -> Path:

@@ -14,24 +14,21 @@ from diffquant.report.html import write_report
 from diffquant.report.plots import plot_step_sqnr
 
 
-@torch.no_grad()
-def pipeline_step_sqnr(
-    reference, pipe, n: int = 4, steps: int = 50, prompts=None, pipeline_kwargs=None, seed: int = 777
-) -> list[dict]:
-    """Noise-prediction SQNR of ``pipe``'s denoiser against ``reference``'s at every step of the reference
-    pipeline's own trajectory (its denoiser calls recorded, then replayed on the quantized one: the same
-    ``x_t`` and conditioning, so each step's error is the model's own, not accumulated drift). ``seed``:
-    the trajectories' noise (default not the calibration seed, so the curve is not measured on the data
-    the ranges were fitted to).
+def record_pipeline_trajectory(reference, n: int = 4, steps: int = 50, prompts=None, pipeline_kwargs=None, seed=777):
+    """The FP ``reference`` pipeline's denoiser calls over ``n`` samples of ``steps`` steps, every step kept
+    (``seed``: the noise; by default not the calibration seed, so error curves are not measured on the data
+    the ranges were fitted to)."""
+    from diffquant.integrations.pipelines import PipelineRunner
 
-    Returns one ``{"index", "t", "sqnr_db"}`` per step.
-    """
-    from diffquant.integrations.pipelines import PipelineRunner, denoiser_name
-
-    name = denoiser_name(reference)
     config = CalibrationConfig(selection="all", n_samples=n, steps=steps, batch_size=n, seed=seed)
-    trajectory = PipelineRunner(reference, prompts, None, pipeline_kwargs).record(config, progress=False)
-    model = getattr(pipe, name)
+    return PipelineRunner(reference, prompts, None, pipeline_kwargs).record(config, progress=False)
+
+
+@torch.no_grad()
+def step_sqnr(trajectory, model) -> list[dict]:
+    """Noise-prediction SQNR of ``model`` against the recorded FP outputs at every step of ``trajectory``
+    (each call replayed: the same ``x_t`` and conditioning, so each step's error is the model's own, not
+    accumulated drift). Returns one ``{"index", "t", "sqnr_db"}`` per step."""
     arg = input_name(model)
     signal, noise, ts = {}, {}, {}
     for call in trajectory:
@@ -45,6 +42,17 @@ def pipeline_step_sqnr(
         {"index": k, "t": ts[k], "sqnr_db": 10 * torch.log10(torch.tensor(signal[k] / max(noise[k], 1e-30))).item()}
         for k in sorted(ts)
     ]
+
+
+def pipeline_step_sqnr(
+    reference, pipe, n: int = 4, steps: int = 50, prompts=None, pipeline_kwargs=None, seed: int = 777
+) -> list[dict]:
+    """:func:`step_sqnr` of ``pipe``'s denoiser on the reference pipeline's own trajectory
+    (:func:`record_pipeline_trajectory`)."""
+    from diffquant.integrations.pipelines import denoiser_name
+
+    trajectory = record_pipeline_trajectory(reference, n, steps, prompts, pipeline_kwargs, seed)
+    return step_sqnr(trajectory, getattr(pipe, denoiser_name(reference)))
 
 
 def write_pipeline_report(
