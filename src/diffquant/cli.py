@@ -464,17 +464,18 @@ def quantize_cmd(
         r = _run(r.replace, **changes)
     builtin = model in BUILTIN_MODELS
     m, folder = (_denoiser(model, weights), None) if builtin else _folder_model(model, weights)
+    source = model if builtin else _source(model, folder)
     if folder is not None and (out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents):
         _fail(f"--out {out} would replace the folder the model comes from ({folder}); choose another --out.")
     start = time.perf_counter()
     fp_bytes = weight_bytes(getattr(m, denoiser_name(m)) if is_pipeline(m) else m)
-    calibration = _calibration(m, r, prompts, model, folder)
+    calibration = _calibration(m, r, prompts, source, folder)
     init_from_env()  # torchrun: every rank quantizes the same (seeded) model, fine-tuning splits its batches
     q = _run(quantize, m, r, progress=not as_json, checkpoint=checkpoint, **calibration)
     seconds = round(time.perf_counter() - start, 1)
     if rank_and_world()[0] != 0:
         return
-    extra = {"quantize_seconds": seconds} | ({} if builtin else {"source": model})
+    extra = {"quantize_seconds": seconds} | ({} if builtin else {"source": source})
     _run(save_quantized, q, out, model if builtin else None, extra)
     if is_pipeline(q):
         q = getattr(q, denoiser_name(q))
@@ -494,6 +495,17 @@ def _folder_model(source: str, weights: Path | None):
         _fail("--weights applies to the built-in models; a diffusers folder brings its own weights.")
     folder = _run(resolve, source)
     return _run(load_folder, folder, source), folder
+
+
+def _source(model: str, folder: Path) -> str:
+    """What a quantized directory records as its FP source (for eval, report and bench from any
+    directory): ``fashion-sd`` for the shipped pipeline's folder, a local folder's absolute path, or
+    the hub id."""
+    from diffquant.models.fashion_sd import NAME, pipeline_dir
+
+    if folder.resolve() == pipeline_dir().resolve():
+        return NAME
+    return str(folder.resolve()) if Path(model).expanduser().is_dir() else model
 
 
 def _calibration(model, recipe, prompts: Path | None, source: str, folder: Path | None) -> dict:

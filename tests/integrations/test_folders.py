@@ -38,8 +38,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("folders")
     out = {kind: save_tiny(kind, root / kind) for kind in ("sd", "dit", "unet", "unet2d")}
     (root / "recipe.json").write_text(json.dumps(RECIPE))
+    # 7-bit activations: lowered to the int8 kernels on every host (8-bit ones stay on the reference path
+    # on CPUs without VNNI, where the kernels' int16 sums could saturate)
+    (root / "recipe_a7.json").write_text(json.dumps({**RECIPE, "name": "w8a7-tiny", "activations": "int7"}))
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n")  # a blank line is skipped
-    return out | {"recipe": root / "recipe.json", "prompts": root / "prompts.txt"}
+    return out | {"recipe": root / "recipe.json", "recipe_a7": root / "recipe_a7.json", "prompts": root / "prompts.txt"}
 
 
 def quantize_cli(folders, model: str, out: Path, *more: str):
@@ -197,13 +200,17 @@ def test_bad_prompts_and_options_are_one_error_line(folders, tmp_path):
         resolve(str(tmp_path / "missing"))
 
 
-def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_folder_it_came_from(folders, tmp_path):
+def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_folder_it_came_from(
+    folders, tmp_path, monkeypatch
+):
     q = tmp_path / "q"
-    assert quantize_cli(folders, str(folders["dit"]), q).exit_code == 0
+    monkeypatch.chdir(folders["dit"].parent)  # a folder given relative to the working directory ...
+    assert quantize_cli(folders, folders["dit"].name, q).exit_code == 0
+    monkeypatch.chdir(tmp_path)  # ... is recorded absolute: eval finds it from anywhere
     result = run("eval", "--quantized", str(q), "--n", "4", "--steps", "2", "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info["source"] == str(folders["dit"]) and info["n"] == 4
+    assert info["source"] == str(folders["dit"].resolve()) and info["n"] == 4
     assert 20 < info["psnr_vs_fp"] < 100  # int8 of a tiny random DiT: close to its FP images, not equal (cap 100)
     for args in (("--sampler", "ddpm"), ("--model", "fashion-unet")):
         assert_user_error(run("eval", "--quantized", str(q), *args), "leave out --model, --weights and --sampler")
@@ -211,7 +218,8 @@ def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_f
         run("sample", "--quantized", str(q), "--sampler", "ddpm"), "leave out --model, --weights and --sampler"
     )
     q_sd = tmp_path / "q-sd"
-    assert quantize_cli(folders, str(folders["sd"]), q_sd, "--prompts", str(folders["prompts"])).exit_code == 0
+    args = ("--recipe", str(folders["recipe_a7"]), "--prompts", str(folders["prompts"]), "--out", str(q_sd))
+    assert run("quantize", "--model", str(folders["sd"]), *args).exit_code == 0
     assert_user_error(run("eval", "--quantized", str(q_sd), "--n", "2", "--steps", "2"), "pass a prompt")
     result = run("eval", "--quantized", str(q_sd), "--n", "2", "--steps", "2", "--prompt", "a red shoe", "--json")
     assert result.exit_code == 0, result.output
@@ -219,8 +227,12 @@ def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_f
     result = run("bench", "--quantized", str(q_sd), "--batch", "2", "--repeats", "1", "--no-compile", "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info["model"] == str(folders["sd"]) and info["lowered_layers"] > 0 and info["q_weight_ratio"] < 0.35
-    assert info["sqnr_vs_reference_db"] > 30  # the int8 kernels against the fake-quant reference, same call
+    assert (
+        info["model"] == str(folders["sd"].resolve()) and info["lowered_layers"] > 0 and info["q_weight_ratio"] < 0.35
+    )
+    # the int8 kernels against the fake-quant reference, same call: equal integers up to codes flipped at
+    # rounding ties, which propagate (29.5 dB on an AVX2 host; a wrong scale or saturation is far below)
+    assert info["sqnr_vs_reference_db"] > 25
     assert_user_error(run("bench", "--quantized", str(q_sd), "--sampling-steps", "2"), "leave out --model")
     report = tmp_path / "report"
     result = run(
@@ -230,7 +242,7 @@ def test_eval_bench_and_report_compare_a_quantized_pipeline_directory_with_the_f
     results = json.loads((report / "results.json").read_text())
     assert [r["index"] for r in results["step_sqnr"]] == [0, 1] and all(r["sqnr_db"] > 20 for r in results["step_sqnr"])
     assert 20 < results["metrics"]["psnr_vs_fp"] < 100 and (report / "quantized.png").is_file()
-    assert "w8a8-tiny" in (report / "report.html").read_text()  # the quantized row, named by its recipe
+    assert "w8a7-tiny" in (report / "report.html").read_text()  # the quantized row, named by its recipe
 
 
 def test_a_pipelines_unet_folder_calibrates_with_the_scheduler_beside_it(folders, tmp_path):

@@ -124,6 +124,10 @@ def test_cli_quantizes_fashion_sd_on_its_class_prompts_and_samples(tmp_path, mon
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "q" / "meta.json").read_text())
     assert meta["source"] == "fashion-sd" and meta["pipeline_class"] == "StableDiffusionPipeline"
+    # the shipped folder given by its path is fashion-sd too: its class prompts calibrate, eval scores FD
+    result = run("quantize", "--model", str(folder), "--recipe", str(recipe), "--out", str(tmp_path / "q2"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "q2" / "meta.json").read_text())["source"] == "fashion-sd"
     image = tmp_path / "boot.png"
     args = ("--prompt", "a photo of an ankle boot", "--steps", "2", "--out", str(image))
     result = run("sample", "--quantized", str(tmp_path / "q"), *args)
