@@ -8,7 +8,7 @@ import torch
 
 import diffquant
 from diffquant import get_recipe, quantize
-from diffquant.methods.finetune import FinetuneError, finetune
+from diffquant.methods.finetune import FinetuneError, finetune, step_weights
 from diffquant.modes import quant_modules
 from diffquant.nn import QuantLinear
 from diffquant.nn import lora as L
@@ -218,3 +218,21 @@ def test_the_best_held_out_state_is_the_one_kept(recorded):
     best = min(range(len(held)), key=held.__getitem__)
     assert report["best_step"] == steps[best] and report["held_after"] == pytest.approx(held[best], rel=1e-6)
     assert best < len(held) - 1 and held[best] < held[-1]  # not the last: keeping the last would fail
+
+
+def test_sigma_weight_weighs_the_noisy_steps_and_needs_the_schedule(recorded):
+    fp, trajectory = recorded
+    q = quantize(copy.deepcopy(fp), INT2, trajectory, progress=False)
+    config = FinetuneConfig(**{**FAST.__dict__, "iterations": 100, "sigma_weight": 0.1})
+    with pytest.raises(ValueError, match="alphas_cumprod"):  # a user's loop records no schedule
+        finetune(copy.deepcopy(q), trajectory, config, progress=False)
+    scheduled = trajectory.select()  # a view; the schedule set on it as the error says
+    scheduled.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    entries = [(i, [0], 1, int(c.step.timestep)) for i, c in enumerate(scheduled)]  # (call, rows, channels, t)
+    w = step_weights(scheduled, entries, 0.1)
+    abar = scheduled.alphas_cumprod.double()[[e[3] for e in entries]]
+    expected = 1 + 0.1 * ((1 - abar) / abar).sqrt()
+    torch.testing.assert_close(w, expected / expected.mean())  # t = 999 (sigma 157) weighs most, t = 0 least
+    assert float(w[0]) > 10 * float(w[-1]) and torch.equal(step_weights(scheduled, entries, 0.0), torch.ones(10))
+    report = finetune(q, scheduled, config, progress=False)
+    assert report["held_after"] < 0.5 * report["held_before"], report  # the sigma-weighted held-out score

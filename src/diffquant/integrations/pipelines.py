@@ -137,6 +137,8 @@ class PipelineRunner:
         n = max(c.n_samples for c in selections)
         traj = Trajectory(max_bytes, num_timesteps=T)
         traj.timesteps = ints
+        schedule = getattr(pipe.scheduler, "alphas_cumprod", None)  # DDPM-family schedulers (not flow matching)
+        traj.alphas_cumprod = schedule.float() if isinstance(schedule, torch.Tensor) else None
         span = {"lo": 0, "hi": 0}
         scale: list[float] = []
         bar = tqdm(total=n * len(ints), desc="recording FP trajectory", unit="step", disable=not progress, leave=False)

@@ -88,6 +88,22 @@ def run(model: nn.Module, recipe, trajectory: Trajectory, progress: bool = True,
     return finetune(model, rows, recipe.finetune, checkpoint=checkpoint, progress=progress)
 
 
+def step_weights(trajectory: Trajectory, entries: list, sigma_weight: float) -> torch.Tensor:
+    """``1 + sigma_weight * sigma_t`` of each entry's time step (``sigma_t = sqrt((1 - alpha_bar_t) /
+    alpha_bar_t)``), normalised to mean 1; all ones for ``sigma_weight == 0``."""
+    if sigma_weight == 0:
+        return torch.ones(len(entries), dtype=torch.float64)
+    schedule = trajectory.alphas_cumprod
+    if schedule is None:
+        raise ValueError(
+            "fine-tuning with sigma_weight > 0 needs the noise schedule (alphas_cumprod) on the trajectory: set "
+            "trajectory.alphas_cumprod = scheduler.alphas_cumprod after recording, or use sigma_weight=0"
+        )
+    abar = schedule.double()[torch.tensor([e[3] for e in entries])]
+    w = 1 + sigma_weight * ((1 - abar) / abar).sqrt()
+    return w / w.mean()
+
+
 def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
     """``(train, held)``: ``(call index, row positions, input channels, timestep)`` per recorded call;
     every ``HELD_EVERY``-th row (the last of each group) is held out, the others train (a call of
@@ -246,6 +262,8 @@ def finetune(
         raise ValueError("fine-tuning: the trajectory holds no call with a recorded FP output to distill from")
     if len(held) > HELD_OUT_CALLS:  # spread over the steps
         held = [held[round(i * (len(held) - 1) / (HELD_OUT_CALLS - 1))] for i in range(HELD_OUT_CALLS)]
+    draw = step_weights(trajectory, train, config.sigma_weight)  # calls drawn in proportion (sigma_weight > 0)
+    held_weight = step_weights(trajectory, held, config.sigma_weight).tolist() if held else []
     gen = torch.Generator().manual_seed(config.seed)
 
     def loss_of(entry, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,7 +280,8 @@ def finetune(
         if not held:
             return float("nan")
         with torch.no_grad():
-            total = torch.tensor(sum(float(loss_of(e)) for e in held[rank::world]), dtype=torch.float64)
+            mine = zip(held[rank::world], held_weight[rank::world], strict=True)
+            total = torch.tensor(sum(w * float(loss_of(e)) for e, w in mine), dtype=torch.float64)
         if world > 1:
             dist.all_reduce(total)
         return float(total) / len(held)
@@ -336,7 +355,10 @@ def finetune(
         try:
             with torch.enable_grad():
                 while step < config.iterations and opt is not None:
-                    entry = train[int(torch.randint(len(train), (1,), generator=gen))]
+                    if config.sigma_weight:
+                        entry = train[int(torch.multinomial(draw, 1, generator=gen))]
+                    else:
+                        entry = train[int(torch.randint(len(train), (1,), generator=gen))]
                     n = len(entry[1])
                     rows = torch.randperm(n, generator=gen)[: config.batch] if config.batch < n else torch.arange(n)
                     mine = rows[rank::world]  # every rank drew the same rows: each takes its share

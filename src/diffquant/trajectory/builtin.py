@@ -72,4 +72,5 @@ def record_builtin(
         recorder.close()
         bar.close()
     traj.timesteps = timesteps
+    traj.alphas_cumprod = make_scheduler(config.sampler, schedule, config.steps).alphas_cumprod.float()
     return traj

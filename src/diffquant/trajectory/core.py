@@ -191,6 +191,7 @@ class Trajectory:
         self.timesteps: list[int] = []  # the schedule: time step of each step index (the first run's)
         self.num_timesteps = num_timesteps
         self.timestep_scale = 1.0  # how the caller rescaled t before the denoiser saw it (Flux: 1 / 1000)
+        self.alphas_cumprod: torch.Tensor | None = None  # the noise schedule per training step, where known
         self.memory_bytes = 0
         self.spilled_bytes = 0
         self.recorded_samples: set[int] = set()  # every sample the recording saw, kept rows or not
