@@ -17,6 +17,8 @@ after loading checks the pipeline runs.
 
 Rows:
 
+    tiny-sd    the tests' tiny ``StableDiffusionPipeline`` (kilobytes of weights): what a load costs
+               whatever the weights (configs, tokenizer, module objects), subtracted in the last column
     sd15-pipe  ``StableDiffusionPipeline`` with SD-1.5's UNet (random weights, 3.4 GB FP32: about
                0.9 GB as int8), a 2-layer CLIP text encoder and a one-block VAE (``scale.py``'s)
     fashion-sd the shipped ``fashion-sd`` pipeline (when it is there)
@@ -43,7 +45,7 @@ sys.path.insert(0, str(HERE))
 from scale import cpu_model, sd15_pipeline, status_bytes  # noqa: E402  (benchmarks/scale.py, beside this file)
 
 RESULTS = HERE / "results"
-ROWS = ("sd15-pipe", "fashion-sd")
+ROWS = ("tiny-sd", "sd15-pipe", "fashion-sd")
 
 
 def weight_bytes(directory: Path) -> int:
@@ -51,6 +53,13 @@ def weight_bytes(directory: Path) -> int:
 
 
 def build(row: str, tmp: Path):
+    if row == "tiny-sd":
+        sys.path.insert(0, str(HERE.parent))
+        from tests.integrations.tiny_pipelines import PROMPTS, save_tiny
+
+        from diffquant.integrations.folders import load_folder
+
+        return load_folder(save_tiny("sd", tmp / "tiny-sd")), PROMPTS[:1]
     if row == "sd15-pipe":
         return sd15_pipeline(tmp / "tokenizer"), ["a red shoe"]
     from diffquant.models.fashion_sd import load_fashion_sd
@@ -135,21 +144,25 @@ def write_markdown(record: dict, path: Path) -> None:
         "memory just before (the peak is reset there). `first`: the first load after importing torch,",
         "diffusers, transformers and diffquant (it also pays one-time costs: lazily imported modules, allocator",
         "arenas); `second`: the same directory again after the first was freed (what the data costs). Bound",
-        "(issue 22): 1.3x the directory's weight bytes.",
+        "(issue 22): 1.3x the directory's weight bytes. `fixed`: `tiny-sd`'s second load, a pipeline of",
+        "kilobytes (what any load costs: configs, tokenizer, module objects), subtracted in the last column.",
         "",
         "| pipeline | recipe | UNet FP32 (GB) | directory weights (GB) | first: peak - before (GB) | / directory "
-        "| second: peak - before (GB) | / directory | load (s) | runs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| second: peak - before (GB) | / directory | load (s) | runs | (second - fixed) / directory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+    tiny = next((r for r in record["rows"] if r["row"] == "tiny-sd" and "error" not in r), None)
+    fixed = tiny["second"]["peak"] - tiny["second"]["before"] if tiny else None
     for r in record["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error']} ||||||||")
+            lines.append(f"| {r['row']} | error: {r['error']} |||||||||")
             continue
         first, second = (r[k]["peak"] - r[k]["before"] for k in ("first", "second"))
         lines.append(
             f"| {r['row']} | {r['recipe']} | {r['unet_fp32_bytes'] / 1e9:.2f} | {r['dir_weight_bytes'] / 1e9:.3f} | "
             f"{first / 1e9:.3f} | {r['first_over_dir']:.2f} | {second / 1e9:.3f} | {r['second_over_dir']:.2f} | "
-            f"{r['first']['s']} / {r['second']['s']} | {r['runs']} |"
+            f"{r['first']['s']} / {r['second']['s']} | {r['runs']} | "
+            + (f"{(second - fixed) / r['dir_weight_bytes']:.2f} |" if fixed is not None and r is not tiny else " |")
         )
     path.write_text("\n".join(lines) + "\n")
 
