@@ -98,8 +98,9 @@ def example_inputs(model: nn.Module, batch: int, timestep: int = 500, seed: int 
     return x, t, labels
 
 
-def quantized_for_bench(model: str, recipe: str = "w8a7", progress: bool = False) -> tuple[nn.Module, nn.Module]:
-    """``(fp, quantized)``: a built-in model and a copy quantized with ``recipe`` on a small calibration."""
+def quantized_for_bench(model: str, recipe="w8a7", progress: bool = False) -> tuple[nn.Module, nn.Module]:
+    """``(fp, quantized)``: a built-in model and a copy quantized with ``recipe`` (a name or a
+    :class:`~diffquant.recipe.Recipe`) on a small calibration."""
     from diffquant import quantize
     from diffquant.models import load_builtin
 

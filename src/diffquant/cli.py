@@ -444,14 +444,10 @@ def quantize_cmd(
     from diffquant import quantize, save_quantized
     from diffquant.eval.distributed import init_from_env, rank_and_world
     from diffquant.integrations.pipelines import denoiser_name, is_pipeline
-    from diffquant.recipe import Recipe, get_recipe
     from diffquant.serialization import weight_bytes
 
     _threads(threads)
-    if Path(recipe).suffix == ".json":
-        r = _run(lambda: Recipe.from_json(Path(recipe).read_text(), source=recipe))
-    else:
-        r = _run(get_recipe, recipe)
+    r = _recipe(recipe)
     cal = {k: v for k, v in {"selection": selection, "n_samples": n_calib}.items() if v is not None}
     changes = {"calibration": cal} if cal else {}
     if observer:
@@ -495,6 +491,15 @@ def _folder_model(source: str, weights: Path | None):
         _fail("--weights applies to the built-in models; a diffusers folder brings its own weights.")
     folder = _run(resolve, source)
     return _run(load_folder, folder, source), folder
+
+
+def _recipe(recipe: str):
+    """The :class:`~diffquant.recipe.Recipe` of ``--recipe``: a named recipe or a recipe JSON file."""
+    from diffquant.recipe import Recipe, get_recipe
+
+    if Path(recipe).suffix == ".json":
+        return _run(lambda: Recipe.from_json(Path(recipe).read_text(), source=recipe))
+    return _run(get_recipe, recipe)
 
 
 def _source(model: str, folder: Path) -> str:
@@ -639,7 +644,9 @@ def report(
 @app.command()
 def bench(
     model: ModelOrSavedOpt = None,
-    recipe: Annotated[str, typer.Option(help="Recipe to quantize with (ignored with --quantized).")] = "w8a7",
+    recipe: Annotated[
+        str, typer.Option(help="Recipe to quantize with, named or a JSON file (ignored with --quantized).")
+    ] = "w8a7",
     backend: Annotated[
         str, typer.Option(help="reference (fake quant), cpu (oneDNN int8) or cuda (int8/FP8 GEMMs, NVIDIA GPU).")
     ] = "cpu",
@@ -694,7 +701,7 @@ def bench(
     else:
         model = model or DEFAULT_MODEL
         _denoiser(model)  # a clear error for an unknown model
-        fp, q = _run(quantized_for_bench, model, recipe, progress=not as_json)
+        fp, q = _run(quantized_for_bench, model, _recipe(recipe), progress=not as_json)
         inputs = None
     result = {"model": model, **_run(bench_forward, fp.eval(), q.eval(), backend, batch, repeats, compile, inputs)}
     if sampling_steps:

