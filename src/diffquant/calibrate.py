@@ -61,16 +61,22 @@ def run(model: nn.Module, recipe: Recipe, trajectory: Trajectory, progress: bool
         model: a model prepared by :func:`diffquant.prepare`.
         recipe: gives the observer, the bucket count and the calibration selection.
         trajectory: the recorded FP trajectory.
-        progress: unused (replays are short); kept for the method-step signature.
+        progress: a progress bar over the replayed calls.
 
     Returns:
         ``{"calls": replayed calls, "quantizers": calibrated quantizers, "tdq_fit_rms": [...]}``.
     """
+    from tqdm.auto import tqdm
+
     quants = [q for q in act_quantizers(model) if q.mode != "dynamic"]
     for q in quants:
         q.observer = recipe_observer(recipe)
+    selected = trajectory.select(recipe.calibration)
     try:
-        calls = replay_observing(model, trajectory.select(recipe.calibration), quants)
+        bar = tqdm(
+            selected, total=len(selected), desc="observing ranges", unit="call", disable=not progress, leave=False
+        )
+        calls = replay_observing(model, bar, quants)
         if not calls:
             raise CalibrationError(
                 "calibration: the trajectory has no call at the steps and samples the recipe's calibration "
