@@ -2,6 +2,7 @@
 
     python benchmarks/load_memory.py                         # every row (minutes)
     python benchmarks/load_memory.py --rows sd15-pipe        # one row
+    python benchmarks/load_memory.py --dir sd-q              # a directory `diffquant quantize` wrote
 
 Each row quantizes a pipeline once (data-free ``w8a8-dynamic``: round-to-nearest int8 weights, so no
 calibration run is needed to make the directory), saves it with ``diffquant.save_quantized``, then
@@ -107,6 +108,34 @@ def child(directory: str) -> dict:
     return {"first": first, "second": second, "runs": bool(out.isfinite().all())}
 
 
+def measure(directory: Path) -> dict:
+    """The two loads of ``directory`` in a fresh process (:func:`child`)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(directory)], capture_output=True, text=True, check=False
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def ratios(size: int, result: dict) -> dict:
+    return {
+        "first_over_dir": round((result["first"]["peak"] - result["first"]["before"]) / size, 3),
+        "second_over_dir": round((result["second"]["peak"] - result["second"]["before"]) / size, 3),
+    }
+
+
+def run_dir(directory: Path) -> dict:
+    """A row for a quantized pipeline directory made elsewhere (its recipe from its recipe.json)."""
+    recipe = json.loads((directory / "recipe.json").read_text()).get("name", "?")
+    result, size = measure(directory), weight_bytes(directory)
+    if "error" in result:
+        return {"row": directory.name, **result}
+    return {"row": directory.name, "recipe": recipe, "unet_fp32_bytes": None, "dir_weight_bytes": size, **result,
+            **ratios(size, result)}  # fmt: skip
+
+
 def run_row(row: str, threads: int) -> dict:
     import diffquant
 
@@ -119,25 +148,18 @@ def run_row(row: str, threads: int) -> dict:
         directory = diffquant.save_quantized(pipe, tmp / "q")
         del pipe
         size = weight_bytes(directory)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(directory)], capture_output=True, text=True, check=False
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not lines:
-            return {"row": row, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-        result = json.loads(lines[-1][len("RESULT ") :])
-    return {
-        "row": row, "recipe": "w8a8-dynamic", "unet_fp32_bytes": fp_bytes, "dir_weight_bytes": size, **result,
-        "first_over_dir": round((result["first"]["peak"] - result["first"]["before"]) / size, 3),
-        "second_over_dir": round((result["second"]["peak"] - result["second"]["before"]) / size, 3),
-    }  # fmt: skip
+        result = measure(directory)
+    if "error" in result:
+        return {"row": row, **result}
+    return {"row": row, "recipe": "w8a8-dynamic", "unet_fp32_bytes": fp_bytes, "dir_weight_bytes": size, **result,
+            **ratios(size, result)}  # fmt: skip
 
 
 def write_markdown(record: dict, path: Path) -> None:
     lines = [
         "# Loading a quantized pipeline directory: peak memory against its bytes",
         "",
-        f"Command: `{record['command']}` — {record['date']}, torch {record['torch']}, {record['cpu']}.",
+        f"Command: `{record['command']}` — {record['date']}, torch {record['torch']} (each row's host in its last column).",
         "",
         "`load peak - before`: the child process's peak resident memory during `diffquant.load_quantized(dir)` and a",
         "first read of every weight (safetensors maps the files; pages become resident when read) above its resident",
@@ -148,21 +170,23 @@ def write_markdown(record: dict, path: Path) -> None:
         "kilobytes (what any load costs: configs, tokenizer, module objects), subtracted in the last column.",
         "",
         "| pipeline | recipe | UNet FP32 (GB) | directory weights (GB) | first: peak - before (GB) | / directory "
-        "| second: peak - before (GB) | / directory | load (s) | runs | (second - fixed) / directory |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| second: peak - before (GB) | / directory | load (s) | runs | (second - fixed) / directory | host |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     tiny = next((r for r in record["rows"] if r["row"] == "tiny-sd" and "error" not in r), None)
     fixed = tiny["second"]["peak"] - tiny["second"]["before"] if tiny else None
     for r in record["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['row']} | error: {r['error']} ||||||||||")
             continue
         first, second = (r[k]["peak"] - r[k]["before"] for k in ("first", "second"))
+        fp32 = f"{r['unet_fp32_bytes'] / 1e9:.2f}" if r["unet_fp32_bytes"] else ""
         lines.append(
-            f"| {r['row']} | {r['recipe']} | {r['unet_fp32_bytes'] / 1e9:.2f} | {r['dir_weight_bytes'] / 1e9:.3f} | "
+            f"| {r['row']} | {r['recipe']} | {fp32} | {r['dir_weight_bytes'] / 1e9:.3f} | "
             f"{first / 1e9:.3f} | {r['first_over_dir']:.2f} | {second / 1e9:.3f} | {r['second_over_dir']:.2f} | "
             f"{r['first']['s']} / {r['second']['s']} | {r['runs']} | "
             + (f"{(second - fixed) / r['dir_weight_bytes']:.2f} |" if fixed is not None and r is not tiny else " |")
+            + f" {r.get('cpu', record['cpu'])} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -172,6 +196,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "load_memory")
+    ap.add_argument("--dir", type=Path, help="measure this quantized pipeline directory instead of the rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -183,16 +208,16 @@ def main() -> None:
         command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), torch=torch.__version__,
         cpu=cpu_model(), date=datetime.now(UTC).isoformat(timespec="seconds"),
     )  # fmt: skip
-    for row in args.rows:
+    for row in [args.dir] if args.dir else args.rows:
         if row == "fashion-sd":
             from diffquant.models.fashion_sd import pipeline_dir
 
             if not (pipeline_dir() / "model_index.json").is_file():
                 print("fashion-sd: not shipped yet, skipped", flush=True)
                 continue
-        result = run_row(row, args.threads)
+        result = {**(run_dir(row) if isinstance(row, Path) else run_row(row, args.threads)), "cpu": cpu_model()}
         print(json.dumps(result), flush=True)
-        record["rows"] = [r for r in record["rows"] if r["row"] != row] + [result]
+        record["rows"] = [r for r in record["rows"] if r["row"] != result["row"]] + [result]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
