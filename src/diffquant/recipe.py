@@ -250,7 +250,8 @@ class FinetuneConfig:
             fashion-unet W4A4 (N = 500, only ten steps quantized at a time): the first ten steps cost
             +94 % FD, the last ten +46 %, the middle +9-37 %, while the noise-prediction error of the
             first ten is a sixth of the last ten's: a uniform loss spends its gradient on the last
-            steps (``benchmarks/results/step_importance.jsonl``). Needs the noise schedule on the
+            steps (``benchmarks/results/step_importance.jsonl``); yet ``0.1`` there fine-tuned to a
+            worse FD than uniform (+67 % against +49 %, docs/quantization.md). Needs the noise schedule on the
             trajectory (recorded by the built-in sampler and by DDPM-family pipelines).
         eval_every: score the held-out trajectories every this many steps; the best-scoring state
             is the one kept (0: only at the end: the better of the start and the end).
