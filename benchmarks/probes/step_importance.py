@@ -28,8 +28,8 @@ from scale import cpu_model  # benchmarks/scale.py: the CPU model and its int8 I
 import diffquant
 from diffquant.eval import Evaluator
 from diffquant.models import load_builtin
-from diffquant.sampling import make_scheduler, sample
-from diffquant.timestep import current_step
+from diffquant.sampling import SamplerConfig, balanced_labels, make_scheduler, sample, sample_batch
+from diffquant.timestep import current_step, denoising_step
 
 OUT = Path(__file__).parents[1] / "results" / "step_importance.jsonl"
 STEPS = 50
@@ -56,24 +56,26 @@ def main() -> None:
     q = diffquant.quantize(load_builtin(model_name), recipe, progress=False)
     quantize_s = round(time.time() - start)
     kw = dict(n=n, steps=STEPS, sampler="ddim", seed=0, progress=False)
-    ref, ref_labels = sample(fp, **kw)
-    fp_score = evaluator.score(ref, ref_labels) if evaluator else None
-    # the per-step noise-prediction error on the FP trajectory, and the propagation weight
+    # one FP run: its images (the reference), and each step's noise-prediction error of q on its inputs
     eps_err = [0.0] * STEPS
-    with torch.no_grad():
-        from diffquant.sampling import SamplerConfig, balanced_labels, sample_batch
+    ref_labels = balanced_labels(n, fp.num_classes)
 
-        labels = balanced_labels(n, fp.num_classes)
+    def on_step(k, t, x_in, eps):
+        with denoising_step(k, t, STEPS):
+            eq = q(x_in, torch.full((x_in.shape[0],), t), ref_labels)
+        eps_err[k] = float(((eq - eps) ** 2).mean())
 
-        def on_step(k, t, x_in, eps):
-            from diffquant.timestep import denoising_step
-
-            with denoising_step(k, t, STEPS):
-                eq = q(x_in, torch.full((x_in.shape[0],), t), labels)
-            eps_err[k] = float(((eq - eps) ** 2).mean())
-
-        sample_batch(fp, range(n), labels, SamplerConfig(steps=STEPS), fp.config["scheduler"], fp.sample_shape,
-                     fp.num_classes, on_step=on_step)  # fmt: skip
+    ref = sample_batch(
+        fp,
+        range(n),
+        ref_labels,
+        SamplerConfig(steps=STEPS),
+        fp.config["scheduler"],
+        fp.sample_shape,
+        fp.num_classes,
+        on_step=on_step,
+    )  # fmt: skip (the images sample() gives: seed 0, DDIM)
+    fp_score = evaluator.score(ref, ref_labels) if evaluator else None
     sched = make_scheduler("ddim", fp.config["scheduler"], STEPS)
     abar = sched.alphas_cumprod
     ts = [int(t) for t in sched.timesteps]

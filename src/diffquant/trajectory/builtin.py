@@ -53,7 +53,8 @@ def record_builtin(
         )
     selections = selections or [config]
     schedule = model.config["scheduler"]
-    timesteps = schedule_of(model, config)
+    scheduler = make_scheduler(config.sampler, schedule, config.steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
     T = int(schedule["num_train_timesteps"])
     n = max(c.n_samples for c in selections)
     traj = Trajectory(max_bytes, spill_dir, T)
@@ -72,5 +73,5 @@ def record_builtin(
         recorder.close()
         bar.close()
     traj.timesteps = timesteps
-    traj.alphas_cumprod = make_scheduler(config.sampler, schedule, config.steps).alphas_cumprod.float()
+    traj.alphas_cumprod = scheduler.alphas_cumprod.float()
     return traj
