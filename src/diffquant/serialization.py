@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffquant.nn.quantizer import ActQuantizer
 from diffquant.quantization_report import QuantizationReport
 from diffquant.recipe import Recipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TDQ generators and the identity / constant ``bucket_of_t`` tables are no longer saved
+READABLE_VERSIONS = (1, 2)  # a version-1 directory loads: its extra tensors are skipped, never read
 PIPELINE_DIR = "pipeline"  # a quantized pipeline's other components (diffusers' save_pretrained layout)
 DENOISER_CONFIG_DIR = "denoiser"  # a bare diffusers denoiser's config.json
 
@@ -71,7 +73,8 @@ def save_quantized(
         raise PermissionError(f"cannot write into {parent}: the directory is read-only; choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
     try:
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        skip = _generator_prefixes(model)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.startswith(skip)}
         save_file(
             state, str(tmp / "model.safetensors"), metadata={"format": "diffquant", "version": str(FORMAT_VERSION)}
         )
@@ -87,8 +90,10 @@ def save_quantized(
             save_components(pipe, tmp / PIPELINE_DIR)
         elif uses_diffusers(model) and hasattr(model, "save_config"):  # rebuilt from its config by load_quantized
             model.save_config(str(tmp / DENOISER_CONFIG_DIR))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
-        os.chmod(tmp / "model.safetensors", 0o644)
+        # mkdtemp makes the directory private and safetensors writes files 0600: a saved model is an
+        # ordinary directory, readable by whoever may read its parent
+        for p in (tmp, *tmp.rglob("*")):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
             os.replace(out_dir, old / "d")
@@ -115,8 +120,11 @@ def read_meta(path: str | os.PathLike) -> tuple[dict, Recipe]:
         recipe = Recipe.from_json((path / "recipe.json").read_text())
     except (json.JSONDecodeError, ValueError, TypeError) as e:
         raise QuantizedDirError(f"{path}: unreadable meta.json or recipe.json ({e}).") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise QuantizedDirError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}.")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise QuantizedDirError(
+            f"{path}: format version {meta.get('format_version')} is not one this diffquant reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}); upgrade diffquant or quantize again."
+        )
     return meta, recipe
 
 
@@ -206,11 +214,16 @@ def load_quantized(
             f"{path} holds a quantized {meta['model_class']} ({meta.get('model') or 'custom'}), "
             f"not a {type(model).__name__}."
         )
+    with empty_weights() if on_meta else contextlib.nullcontext():  # no TDQ generator weights are made
+        prepare(model, recipe, num_timesteps)
+    legacy = (*_generator_prefixes(model), *_unsaved_tables(model))  # what a version-1 directory also holds
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.generator = None  # calibration machinery: its table (loaded below) is what runs
     try:
-        state = load_state_file(path / "model.safetensors")
+        state = load_state_file(path / "model.safetensors", keep=lambda k: not k.startswith(legacy))
     except WeightsError as e:
         raise QuantizedDirError(str(e)) from e
-    prepare(model, recipe, num_timesteps)
     for name, m in model.named_modules():
         if isinstance(m, QuantModule) and f"{name}.qweight" in state:
             m.adopt_frozen(state, f"{name}.")
@@ -247,6 +260,19 @@ def load_quantized(
     return model.eval()
 
 
+def _generator_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the TDQ generators: fitted during calibration and fine-tuning, not saved (the
+    per-step table each one was frozen into is what a forward reads)."""
+    return tuple(f"{n}.generator." for n, m in model.named_modules() if isinstance(m, ActQuantizer))
+
+
+def _unsaved_tables(model: nn.Module) -> tuple[str, ...]:
+    """``bucket_of_t`` names a version-1 directory holds and version 2 does not (constant or identity)."""
+    return tuple(
+        f"{n}.bucket_of_t" for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.mode != "bucketed"
+    )
+
+
 def _diffusers_builder(config_dir: Path) -> Callable[[], nn.Module]:
     from diffquant.integrations.pipelines import model_builder
 
@@ -281,9 +307,9 @@ def weight_bytes(model: nn.Module) -> int:
 
     TDQ generators are left out: their per-step table (in the activation quantizer) is what runs.
     """
-    total = 0
+    total, generators = 0, _generator_prefixes(model)
     for name, t in model.state_dict().items():
-        if ".generator." in name:  # a TDQ generator: calibration machinery, its table is what runs
+        if name.startswith(generators):
             continue
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("weight", "bias", "qweight", "weight_scale"):

@@ -112,6 +112,10 @@ def test_a_recipe_with_finetuning_quantizes_saves_and_loads(recorded, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), q(x, t, y))
     assert loaded.diffquant_recipe.finetune == FAST
+    # a loaded TDQ model has its tables and no generators (they are not saved): fine-tuning it trains the tables
+    again = finetune(loaded, trajectory, FAST, progress=False)
+    assert again["trained"]["tdq_generators"] == 0 and again["trained"]["act_scales"] > 0, again
+    assert again["held_after"] < again["held_before"], again
 
 
 def test_public_finetune_thaws_a_quantized_model_and_freezes_it_again(recorded):

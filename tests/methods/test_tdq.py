@@ -125,6 +125,46 @@ def test_tdq_save_load_identical(tmp_path):
     assert torch.equal(loaded(x, t, y), out)
 
 
+def test_the_saved_tdq_model_is_its_tables_and_a_loaded_one_has_no_generator(tmp_path):
+    from safetensors import safe_open
+
+    model = _tdq_model()
+    save_quantized(model, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(".scale") for k in keys)
+    assert not [k for k in keys if ".generator." in k or k.endswith(".bucket_of_t")]
+    loaded = load_quantized(tmp_path / "q", model=lambda: tiny_model("unet"))
+    quants = [m for m in loaded.modules() if isinstance(m, ActQuantizer) and m.mode == "tdq"]
+    assert quants and all(q.generator is None for q in quants)
+    assert all(torch.equal(q.bucket_of_t, torch.arange(1000)) for q in quants)  # rebuilt, not read
+
+
+def test_a_version_1_directory_with_generators_and_step_maps_still_loads(tmp_path):
+    """Format 1 saved every generator and every quantizer's ``bucket_of_t``: skipped at load, unread."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _tdq_model()
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    steps = [torch.full((2,), t) for t in (640, 3)]  # two entries of every table
+    with torch.no_grad():
+        out = [model(x, t, y) for t in steps]
+    save_quantized(model, tmp_path / "q")
+    old = {k: v.contiguous() for k, v in model.state_dict().items()}  # generators included
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuantizer):
+            old[f"{name}.bucket_of_t"] = m.bucket_of_t.clone()
+    assert any(".generator." in k for k in old)
+    save_file(old, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "diffquant", "version": "1"})
+    meta = json.loads((tmp_path / "q" / "meta.json").read_text())
+    (tmp_path / "q" / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    loaded = load_quantized(tmp_path / "q", model=lambda: tiny_model("unet"))
+    with torch.no_grad():
+        assert all(torch.equal(loaded(x, t, y), o) for t, o in zip(steps, out, strict=True))
+
+
 def test_interval_plot_shows_table_and_per_step_optimum(tmp_path):
     from diffquant.report.plots import plot_tdq_intervals
 

@@ -64,7 +64,12 @@ def integer_obstacle(m: QuantModule, where: str, per_token: bool = False, fp8: b
 _QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("diffquant::step_qparams", mutates_args=())
+# Tagged nondeterministic: its result depends on the current step, not on its inputs alone, which are
+# all constants of a compiled graph. Without the tag Inductor's freezing (``freezing = True``, what
+# ``diffquant.bench.compile_forward`` turns on) constant-folded it at compile time, and every step ran
+# on the first step's scales (a TDQ DiT's compiled output at step 2 of 3: 43.6 dB against eager, 136
+# dB with the tag).
+@torch.library.custom_op("diffquant::step_qparams", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
     """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
     return torch.tensor(_QUANTIZERS[handle].current(), dtype=torch.float32, device=device_ref.device)

@@ -14,7 +14,8 @@ What trains (``FinetuneConfig.train``):
 - ``scales``: LSQ step sizes, as log-multipliers (a relative change, one learning rate for every
   layer): each static / bucketed activation quantizer's scale per bucket (one bucket per step is
   EfficientDM's TALSQ table), each TDQ quantizer's generator itself (the learnable mode TDQ was built
-  for; its per-step table is rewritten from it), and each layer's weight scales (per channel or
+  for; its per-step table is rewritten from it; a TDQ model loaded from disk has no generator, the
+  table itself trains), and each layer's weight scales (per channel or
   group: the learnable scales ternary and binary weights need).
 
 Every call of the recording holds rows of one step (one row per sample); a quarter of the samples
@@ -143,7 +144,7 @@ class Trainables:
                 if q.mode == "tdq" and q.generator is not None:
                     q.learnable = True
                     self.tdq.append(q)
-                elif q.mode in ("static", "bucketed"):
+                else:  # static, bucketed, and a loaded tdq one (its generator is not saved): LSQ on its table
                     q.scale_offset = nn.Parameter(torch.zeros_like(q.scale))
                     self.act.append(q)
         if "weight_scales" in config.train:

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -66,16 +67,21 @@ def build_model(config: dict) -> nn.Module:
     raise ValueError(f"config {config.get('name')!r} has unknown kind {kind!r}")
 
 
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning any failure into a :class:`WeightsError` with a clear message."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_state_file(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning any failure into a :class:`WeightsError` with a clear message.
+
+    Args:
+        path: the file.
+        keep: read only the tensors whose name it accepts (the others are never read from disk).
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"Weight file not found: {path}.")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(
             f"Cannot read weight file {path}: {e}. The file is corrupt or truncated; restore it "

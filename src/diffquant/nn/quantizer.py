@@ -73,8 +73,9 @@ class ActQuantizer(nn.Module):
         n = {"bucketed": buckets, "tdq": num_timesteps}.get(mode, 1)
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
-        self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long))
-        self.generator = None
+        # t -> index into ``scale``: saved only where it carries information (bucketed); identity for tdq
+        self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long), persistent=mode == "bucketed")
+        self.generator = None  # tdq: built for calibration and fine-tuning; not saved (its table is what runs)
         self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
         self.range_offset = None  # learnable mode: (2,) log-multipliers of the generator's extents
         self.scale_offset = None  # fine-tuning (static, bucketed): log-multipliers of the scales, LSQ-trained

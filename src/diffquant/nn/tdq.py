@@ -1,8 +1,9 @@
 """The TDQ generator (Temporal Dynamic Quantization, So et al., NeurIPS 2023): ``t -> (lo(t), hi(t))``.
 
 ``g(t) = softplus(MLP(fourier(t / T)))`` (3 layers of 64 hidden units with ReLU, as in the paper)
-gives the negative and positive extents of an activation quantizer's clipping range. It is model
-state (saved with the quantizer); fitting it is :mod:`diffquant.methods.tdq`.
+gives the negative and positive extents of an activation quantizer's clipping range. Fitting it is
+:mod:`diffquant.methods.tdq`; once fitted it is evaluated at every ``t`` into its quantizer's per-step
+table, which is what a forward reads and what is saved (a loaded model has no generator).
 """
 
 from __future__ import annotations
