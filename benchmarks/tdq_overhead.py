@@ -13,6 +13,11 @@ tensor per step would show.
 (computed from each tensor at run time), to the same rounds: what the run-time alternatives to a
 table cost on the same backend. The lowering report's count of layers left on the float reference
 path is printed beside each (on ``cpu``, per-token scales have no integer kernel).
+
+With ``--compile`` every compiled model's output is also compared with its eager output at three
+time steps (the worst SQNR is in the table): a graph that had folded one step's scales into
+constants would time a static model (Inductor's freezing did that to the per-step lookup until
+its op was tagged; the first results of this script, before the fix, timed such graphs).
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ import torch
 
 from diffquant import get_recipe, quantize
 from diffquant.backends import lower
-from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs, interleaved_ms
+from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs, interleaved_ms, sqnr_db
 from diffquant.models import load_builtin
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import cpu_model  # benchmarks/scale.py, beside this file
+
+CHECK_STEPS = (999, 500, 10)
 
 
 def timed_calls(models: dict, inputs) -> dict:
@@ -70,8 +80,15 @@ def main() -> None:
     inputs = example_inputs(fp, args.batch)
     ms = {"eager_ms": interleaved_ms(timed_calls(models, inputs), args.rounds, warmup=2)}
     if args.compile:
+        x, _, y = inputs
+        steps = [torch.full((x.shape[0],), t) for t in CHECK_STEPS]
+        eager = {k: [m(x, t, y) for t in steps] for k, m in models.items()}  # compile_forward replaces forward
         compiled = {k: compile_forward(m) for k, m in models.items()}
         ms["compiled_ms"] = interleaved_ms(timed_calls(compiled, inputs), args.rounds, warmup=2)
+        agreement = {
+            k: round(min(sqnr_db(e, m(x, t, y)) for e, t in zip(eager[k], steps, strict=True)), 1)
+            for k, m in compiled.items()
+        }
     result = {mode: {k: round(v, 2) for k, v in d.items()} for mode, d in ms.items()}
     for mode, times in list(result.items()):
         result[mode.replace("_ms", "_tdq_over_static")] = round(times[args.tdq] / times[args.static], 4)
@@ -79,8 +96,10 @@ def main() -> None:
     info = {
         "command": "python " + " ".join(sys.argv), "model": args.model, "backend": args.backend,
         "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
-        "layers_on_reference_path": on_reference,
+        "layers_on_reference_path": on_reference, "cpu": cpu_model(),
     }  # fmt: skip
+    if args.compile:
+        info["compiled_vs_eager_worst_sqnr_db"] = agreement
     out = Path(args.out or f"benchmarks/results/tdq_overhead_{args.model}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -90,7 +109,7 @@ def main() -> None:
         f"# TDQ per-step table vs static scales: {args.model}, backend {args.backend}",
         "",
         f"Command: `{info['command']}` (torch {info['torch']}, {args.threads} threads, batch {args.batch}, "
-        f"median of {args.rounds} interleaved rounds, a new time step every round).",
+        f"median of {args.rounds} interleaved rounds, a new time step every round), {info['cpu']}.",
         "",
         f"| mode | {args.static} (ms) | {args.tdq} (ms) | TDQ / static |",
         "|---|---:|---:|---:|",
@@ -114,6 +133,10 @@ def main() -> None:
         for name in recipes:
             cells = " | ".join(f"{result[f'{m}_ms'][name]} | {result[f'{m}_over_static'][name]}" for m in modes)
             lines.append(f"| `{name}` | {cells} | {on_reference[name]} |")
+    if args.compile:
+        lines += ["", "Compiled output against the eager one, worst of time steps "
+                  f"{', '.join(map(str, CHECK_STEPS))} (SQNR, dB): "
+                  + ", ".join(f"`{k}` {v}" for k, v in info["compiled_vs_eager_worst_sqnr_db"].items()) + "."]  # fmt: skip
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out.with_suffix(".md"))
