@@ -86,8 +86,9 @@ MUTANTS = (
     ),
     Mutant(
         "scale-of-wrong-step", "nn/quantizer.py",
-        "b = self.bucket_of_t[timestep] if self.scale.numel() > 1 else 0",
-        "b = self.bucket_of_t[max(timestep - 100, 0)] if self.scale.numel() > 1 else 0",
+        'b = 0 if self.scale.numel() == 1 else self.bucket_of_t[timestep] if self.mode == "bucketed" else timestep',
+        'b = 0 if self.scale.numel() == 1 else self.bucket_of_t[max(timestep - 100, 0)] if self.mode == "bucketed" '
+        "else max(timestep - 100, 0)",
         ("tests/nn/test_modules.py", "tests/test_quantize.py"), "a per-step activation scale looked up at another step",
     ),
     Mutant(

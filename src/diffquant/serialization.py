@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffquant.memory import trim
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.quantization_report import QuantizationReport
 from diffquant.recipe import Recipe
@@ -129,10 +130,16 @@ def read_meta(path: str | os.PathLike) -> tuple[dict, Recipe]:
 
 
 @contextlib.contextmanager
-def empty_weights():
+def empty_weights(buffers: bool = False):
     """Modules built inside the block get their parameters on the ``meta`` device (no memory, no
-    initialisation); buffers stay real. :func:`load_quantized` fills them from the saved state."""
-    register = nn.Module.register_parameter
+    initialisation); :func:`load_quantized` fills them from the saved state.
+
+    Args:
+        buffers: persistent buffers go to ``meta`` too (they are in the saved state as well); for
+            diffquant's own modules (``prepare``), whose constructors never read them. Otherwise
+            buffers stay real: a model's constructor may compute with its own.
+    """
+    register, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def on_meta(module, name, param):
         register(module, name, param)
@@ -140,11 +147,18 @@ def empty_weights():
             p = module._parameters[name]
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(module, name, tensor, persistent)
+        if tensor is not None and persistent:
+            module._buffers[name] = module._buffers[name].to("meta")
+
     nn.Module.register_parameter = on_meta
+    if buffers:
+        nn.Module.register_buffer = buffer_on_meta
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        nn.Module.register_parameter, nn.Module.register_buffer = register, register_buffer
 
 
 def load_quantized(
@@ -214,7 +228,7 @@ def load_quantized(
             f"{path} holds a quantized {meta['model_class']} ({meta.get('model') or 'custom'}), "
             f"not a {type(model).__name__}."
         )
-    with empty_weights() if on_meta else contextlib.nullcontext():  # no TDQ generator weights are made
+    with empty_weights(buffers=True) if on_meta else contextlib.nullcontext():  # scale tables, generators: none made
         prepare(model, recipe, num_timesteps)
     legacy = (*_generator_prefixes(model), *_unsaved_tables(model))  # what a version-1 directory also holds
     for m in model.modules():
@@ -226,7 +240,7 @@ def load_quantized(
         raise QuantizedDirError(str(e)) from e
     for name, m in model.named_modules():
         if isinstance(m, QuantModule) and f"{name}.qweight" in state:
-            m.adopt_frozen(state, f"{name}.")
+            m.adopt_frozen(state, f"{name}.", device="meta" if on_meta else "cpu")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
@@ -296,6 +310,7 @@ def _load_pipeline(path: Path, meta: dict, num_timesteps: int | None):
             "pipeline with load_quantized(path, model=pipe), or quantize again."
         )
     denoiser = load_quantized(path, _diffusers_builder(folder / component), num_timesteps)
+    trim()  # the C heap the denoiser's load freed goes back before the other components are read
     try:
         return load_pipeline(folder, denoiser)
     except (OSError, ValueError) as e:

@@ -94,7 +94,7 @@ class StepQuantizer(nn.Module):
         super().__init__()
         self.qtype, self.symmetric = quantizer.qtype, quantizer.symmetric
         self.name = quantizer.name
-        self.bucket_list = quantizer.bucket_of_t.tolist()
+        self.bucket_list = quantizer.step_table().tolist()
         scales, zero_points = quantizer.scale.tolist(), quantizer.zero_point.tolist()
         self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
         self.handle = next(HANDLES)

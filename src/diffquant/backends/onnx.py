@@ -212,7 +212,7 @@ class _ExportQuantizer(nn.Module):
             return
         scale, zp = q.scale.detach().float(), q.zero_point.detach().float()
         if scale.numel() > 1:  # one entry per time step t in [0, T)
-            scale, zp = scale[q.bucket_of_t], zp[q.bucket_of_t]
+            scale, zp = scale[q.step_table()], zp[q.step_table()]
             if step is not None:
                 scale, zp = scale[step], zp[step]
             self.per_step = step is None

@@ -157,16 +157,20 @@ class QuantModule(nn.Module):
         self.frozen = False
         self._w_cache = None
 
-    def adopt_frozen(self, state_dict: dict, prefix: str = "") -> None:
+    def adopt_frozen(self, state_dict: dict, prefix: str = "", device: str = "cpu") -> None:
         """Become frozen with the integer storage of a saved state (shapes and dtypes from ``state_dict``,
-        values filled by loading it): no float weight, no quantization pass."""
+        values filled by loading it): no float weight, no quantization pass.
+
+        Args:
+            device: of the empty buffers; ``meta`` when the state will be assigned, not copied, into them.
+        """
         if self.frozen:
             return
         if "weight" in self._parameters:
             del self.weight
         self.weight_scale_fixed = None
         for key in ("qweight", "weight_scale", "weight_shape", "weight_group"):
-            self.register_buffer(key, torch.empty_like(state_dict[prefix + key], device="cpu"))
+            self.register_buffer(key, torch.empty_like(state_dict[prefix + key], device=device))
         self.frozen = True
         self._w_cache = None
 

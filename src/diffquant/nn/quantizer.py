@@ -1,8 +1,9 @@
 """Activation quantizers: one scale for all steps, one per group of steps, or computed on the fly.
 
 Scales are registered buffers (saved by ``state_dict``): ``scale[b]`` and ``zero_point[b]`` for
-bucket ``b``, and ``bucket_of_t[t]`` maps every training time step ``t`` in ``[0, T)`` to its
-bucket, so any sampler and step count finds its scale with one lookup. The time step comes from
+bucket ``b``; a bucketed quantizer's ``bucket_of_t[t]`` maps every training time step ``t`` in
+``[0, T)`` to its bucket, a TDQ table has one entry per ``t`` (:meth:`ActQuantizer.step_table`
+gives the map for every mode), so any sampler and step count finds its scale with one lookup. The time step comes from
 :func:`diffquant.timestep.current_step`, set by the sampler (or by the hook :func:`quantize`
 installs on the model, from the model's own ``t`` argument).
 """
@@ -73,15 +74,15 @@ class ActQuantizer(nn.Module):
         n = {"bucketed": buckets, "tdq": num_timesteps}.get(mode, 1)
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
-        # t -> index into ``scale``: saved only where it carries information (bucketed); identity for tdq
-        self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long), persistent=mode == "bucketed")
+        self.num_timesteps = num_timesteps
+        if mode == "bucketed":  # t -> index into ``scale`` (tdq: t itself; static, dynamic: 0): step_table()
+            self.register_buffer("bucket_of_t", torch.zeros(num_timesteps, dtype=torch.long))
         self.generator = None  # tdq: built for calibration and fine-tuning; not saved (its table is what runs)
         self.learnable = False  # tdq: compute ranges from the generator (differentiable) instead of the table
         self.range_offset = None  # learnable mode: (2,) log-multipliers of the generator's extents
         self.scale_offset = None  # fine-tuning (static, bucketed): log-multipliers of the scales, LSQ-trained
         if mode == "tdq":
             self.generator = TDQGenerator(num_timesteps, **(tdq or {}))
-            self.bucket_of_t.copy_(torch.arange(num_timesteps))
         self.register_buffer("calibrated", torch.tensor(mode == "dynamic"))
         self._ready = mode == "dynamic"  # mirrors ``calibrated`` so the forward never reads a tensor
         self.observer: Observer | None = None
@@ -93,12 +94,20 @@ class ActQuantizer(nn.Module):
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"{self.qtype}, {self.mode}, {self.granularity}, {sym}, buckets={self.scale.numel()}"
 
+    def step_table(self) -> torch.Tensor:
+        """``(T,)`` long: the index into ``scale`` of every time step ``t``."""
+        if self.mode == "bucketed":
+            return self.bucket_of_t
+        if self.mode == "tdq":
+            return torch.arange(self.num_timesteps, device=self.scale.device)
+        return torch.zeros(self.num_timesteps, dtype=torch.long, device=self.scale.device)
+
     def _timestep(self) -> int:
         return require_step(self.name).timestep
 
     def scale_for(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` used at ``timestep`` (static and bucketed modes)."""
-        b = self.bucket_of_t[timestep] if self.scale.numel() > 1 else 0
+        b = 0 if self.scale.numel() == 1 else self.bucket_of_t[timestep] if self.mode == "bucketed" else timestep
         if self.scale_offset is not None:
             return self.scale[b] * self.scale_offset[b].exp(), self.zero_point[b]
         return self.scale[b], self.zero_point[b]
