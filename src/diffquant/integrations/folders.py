@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from diffquant.denoiser import UnsupportedModelError
-from diffquant.integrations.pipelines import diffusers_model_class, is_pipeline
+from diffquant.integrations.pipelines import diffusers_model_class, is_pipeline, quiet_loading
 from diffquant.timestep import denoising_step
 
 TEXT_TOKENS = 77  # the sequence length of random text embeddings (CLIP's)
@@ -123,7 +123,8 @@ def load_folder(folder: str | os.PathLike, name: str | None = None):
 
 def _loading(name: str, load: Callable):
     try:
-        return load()
+        with quiet_loading():
+            return load()
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load {name}: {first}") from e

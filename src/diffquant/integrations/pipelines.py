@@ -221,6 +221,33 @@ def model_builder(config_dir: str | os.PathLike) -> Callable[[], nn.Module]:
     return lambda: cls.from_config(config)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' load-time chatter off inside the block: advice printed on every load
+    (install accelerate; install torchvision for image processors no diffusion pipeline here uses;
+    ``torch_dtype`` renamed), and their progress bars over a load of a second. Errors still print;
+    everything is restored after."""
+    import warnings
+
+    libraries = []
+    for name in ("diffusers", "transformers"):
+        with contextlib.suppress(ImportError):
+            libraries.append(__import__(f"{name}.utils.logging", fromlist=["logging"]))
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers(\.|$)")
+            yield
+    finally:
+        for lib, (verbosity, bar) in zip(libraries, saved, strict=True):
+            lib.set_verbosity(verbosity)
+            if bar:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(directory: str | os.PathLike, denoiser: nn.Module):
     """Load the pipeline saved by :func:`save_components` in ``directory`` around ``denoiser``."""
     import json
@@ -231,7 +258,8 @@ def load_pipeline(directory: str | os.PathLike, denoiser: nn.Module):
     component = next((name for name in DENOISERS if name in index), None)
     if component is None:
         raise UnsupportedModelError(f"{directory}/model_index.json names no {' or '.join(DENOISERS)}")
-    return DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **{component: denoiser})
+    with quiet_loading():
+        return DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **{component: denoiser})
 
 
 def sample_pipeline(

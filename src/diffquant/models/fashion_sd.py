@@ -235,7 +235,10 @@ def load_fashion_sd(path: str | os.PathLike | None = None):
             f"no fashion-sd pipeline at {folder} (model_index.json missing): train and export it with "
             "`diffquant train sd --out DIR`, or reinstall diffquant"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    from diffquant.integrations.pipelines import quiet_loading
+
+    with quiet_loading():
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
