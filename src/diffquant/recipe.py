@@ -253,6 +253,15 @@ class FinetuneConfig:
             steps (``benchmarks/results/step_importance.jsonl``); yet ``0.1`` there fine-tuned to a
             worse FD than uniform (+67 % against +49 %, docs/quantization.md). Needs the noise schedule on the
             trajectory (recorded by the built-in sampler and by DDPM-family pipelines).
+        rollout: steps the student samples by itself per draw (trajectory matching). 1: each recorded
+            call alone, ``|| eps_q - eps_fp ||^2`` at the FP ``x_t`` (EfficientDM's loss). ``k > 1``:
+            from the FP ``x_t`` of a drawn call the quantized model takes ``k`` DDIM steps on its own
+            predictions (gradients through all of them), and the loss is the squared distance of the
+            ``x`` it reaches to the FP trajectory's ``x`` there (or, past the last recorded step, of
+            its ``x0`` prediction to the FP one): the error as it compounds, which a per-call loss
+            never sees. Needs a deterministic DDIM trajectory (eta 0, noise-prediction outputs, no
+            guidance batches) with its noise schedule; checked on the recording itself. Costs ``k``
+            forward and backward passes per step.
         eval_every: score the held-out trajectories every this many steps; the best-scoring state
             is the one kept (0: only at the end: the better of the start and the end).
         max_minutes: stop early after this much wall time (``None``: no limit).
@@ -273,6 +282,7 @@ class FinetuneConfig:
     warmup: int = 50
     train: tuple[str, ...] = ("lora", "scales")
     sigma_weight: float = 0.0
+    rollout: int = 1
     eval_every: int = 250
     max_minutes: float | None = None
     checkpoint_every: int = 0
@@ -292,6 +302,8 @@ class FinetuneConfig:
             raise ValueError(f"finetune train must name some of {FINETUNE_TRAIN}, got {self.train}")
         if not self.sigma_weight >= 0:
             raise ValueError(f"finetune sigma_weight must be >= 0, got {self.sigma_weight}")
+        if self.rollout < 1:
+            raise ValueError(f"finetune rollout must be >= 1 (1: each recorded call alone), got {self.rollout}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"finetune max_minutes must be > 0 or None, got {self.max_minutes}")
 

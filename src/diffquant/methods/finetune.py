@@ -44,13 +44,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffquant.denoiser import input_channels, input_name, noise_prediction
+from diffquant.denoiser import input_channels, input_name, noise_prediction, noisy_input
 from diffquant.eval.distributed import rank_and_world
 from diffquant.modes import act_quantizers, quant_modules, without_output_gain
 from diffquant.nn import lora as L
 from diffquant.primitives import weight_scale
 from diffquant.recipe import CalibrationConfig, FinetuneConfig
-from diffquant.trajectory import Trajectory
+from diffquant.trajectory import DenoiserCall, Trajectory
 
 NAME = "finetune"
 HELD_OUT_CALLS = 64  # held-out calls scored (spread over the steps)
@@ -119,6 +119,98 @@ def _split(trajectory: Trajectory, name: str | None) -> tuple[list, list]:
         if out:
             held.append((i, out, c, t))
     return train, held
+
+
+class Rollout:
+    """``FinetuneConfig.rollout = k``: from the FP ``x_t`` of a drawn call the student takes ``k``
+    deterministic DDIM steps on its own noise predictions; the loss is the squared distance of the
+    ``x`` it reaches to the FP trajectory's ``x`` there (past the last recorded call: of its ``x0``
+    prediction to the FP one).
+
+    The trajectory must hold every step of each sample in the same batch order (``selection="all"``)
+    and its noise schedule; that it is a DDIM (eta 0) trajectory of noise predictions is checked on the
+    recording itself: the DDIM update of a recorded call must give the next recorded input.
+    """
+
+    def __init__(self, trajectory: Trajectory, name: str | None, k: int):
+        if trajectory.alphas_cumprod is None:
+            raise ValueError(
+                "fine-tuning with rollout > 1 needs the noise schedule (alphas_cumprod) on the trajectory: set "
+                "trajectory.alphas_cumprod = scheduler.alphas_cumprod after recording, or use rollout=1"
+            )
+        self.trajectory, self.name, self.k = trajectory, name, k
+        self.abar = trajectory.alphas_cumprod.double().tolist()
+        at: dict[tuple, int] = {}
+        for i, call in enumerate(trajectory):
+            if len(set(call.samples)) != len(call.samples):
+                raise ValueError(
+                    "fine-tuning with rollout > 1: the recording holds classifier-free guidance batches (a sample "
+                    "twice in one call); record without guidance, or use rollout=1"
+                )
+            at[(tuple(call.samples), call.step.index)] = i
+        self.next = {i: at.get((key[0], key[1] + 1)) for key, i in at.items()}
+        self._check()
+
+    def _check(self) -> None:
+        i = next((i for i, j in self.next.items() if j is not None and self.trajectory[i].output is not None), None)
+        if i is None:
+            raise ValueError("fine-tuning with rollout > 1 needs consecutive steps of one sample (selection='all')")
+        call, following = self.trajectory[i], self.trajectory[self.next[i]]
+        x = self.step(noisy_input(call.args, call.kwargs, self.name).double(), call.output.double(), call, following)
+        want = noisy_input(following.args, following.kwargs, self.name).double()
+        error = float((x - want).norm() / want.norm().clamp_min(1e-12))
+        if not error < 1e-3:
+            raise ValueError(
+                f"fine-tuning with rollout > 1: the DDIM (eta 0) update of a recorded call is {error:.2g} away (relative) "
+                "from the next recorded input; rollout needs a deterministic DDIM trajectory of noise predictions"
+            )
+
+    def x0(self, x: torch.Tensor, eps: torch.Tensor, call: DenoiserCall) -> torch.Tensor:
+        a = self.abar[int(call.step.timestep)]
+        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, call: DenoiserCall, following: DenoiserCall) -> torch.Tensor:
+        """DDIM's update to the next call, as diffusers' ``DDIMScheduler`` takes it: to ``t - T // steps``
+        (with "trailing" spacing and ``T / steps`` not whole, one off the next call's own ``t``)."""
+        prev = int(call.step.timestep) - len(self.abar) // int(call.step.num_steps)
+        a = self.abar[prev if prev >= 0 else int(following.step.timestep)]
+        return math.sqrt(a) * self.x0(x, eps, call) + math.sqrt(1 - a) * eps
+
+    def with_input(self, call: DenoiserCall, x: torch.Tensor) -> DenoiserCall:
+        if call.args and isinstance(call.args[0], torch.Tensor):
+            return dataclasses.replace(call, args=(x, *call.args[1:]))
+        return dataclasses.replace(call, kwargs={**call.kwargs, self.name: x})
+
+    def gain(self, call: DenoiserCall, following: DenoiserCall | None) -> float:
+        """What one step turns an error of the noise prediction into: in the next ``x`` (the DDIM step's
+        ``sqrt(1 - a') - sqrt(a') sqrt(1 - a) / sqrt(a)``) or, past the last call, in ``x0``."""
+        a = self.abar[int(call.step.timestep)]
+        if following is None:
+            return math.sqrt((1 - a) / a)
+        one = torch.ones(1, dtype=torch.float64)
+        return abs(float(self.step(one * 0, one, call, following)))
+
+    def loss(self, model: nn.Module, entry, positions: list[int]) -> torch.Tensor:
+        """The squared distance at the end of the rollout, divided by the squared gain of its first step:
+        in the units of the noise-prediction loss (``k = 1`` is that loss at every step but the last,
+        where it is the ``x0`` distance so divided), so that no step outweighs another by the scale of
+        ``x`` alone; how much the error grows over the next ``k - 1`` steps stays in."""
+        i, _, c, _ = entry
+        call = self.trajectory[i].rows(positions)
+        j = self.next.get(i)
+        scale = self.gain(call, self.trajectory[j] if j is not None else None) ** 2
+        x = noisy_input(call.args, call.kwargs, self.name)
+        for _ in range(self.k):
+            eps = noise_prediction(self.with_input(call, x).replay(model), c).float()
+            j = self.next.get(i)
+            if j is None:  # past the last recorded call: the x0 predictions
+                fp_x = noisy_input(call.args, call.kwargs, self.name).float()
+                fp_x0 = self.x0(fp_x, call.output.float(), call)
+                return F.mse_loss(self.x0(x.float(), eps, call), fp_x0) / scale
+            following = self.trajectory[j].rows(positions)  # the same samples in the same rows
+            x = self.step(x.float(), eps, call, following).to(x.dtype)
+            i, call = j, following
+        return F.mse_loss(x.float(), noisy_input(call.args, call.kwargs, self.name).float()) / scale
 
 
 class Trainables:
@@ -267,10 +359,14 @@ def finetune(
     held_weight = step_weights(trajectory, held, config.sigma_weight).tolist() if held else []
     gen = torch.Generator().manual_seed(config.seed)
 
+    rollout = Rollout(trajectory, name, config.rollout) if config.rollout > 1 else None
+
     def loss_of(entry, rows: torch.Tensor | None = None) -> torch.Tensor:
         i, positions, c, _ = entry
         if rows is not None:
             positions = [positions[r] for r in rows.tolist()]
+        if rollout is not None:
+            return rollout.loss(model, entry, positions)
         call = trajectory[i].rows(positions)
         out = noise_prediction(call.replay(model), c)
         return F.mse_loss(out.float(), call.output.float())
