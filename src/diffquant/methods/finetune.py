@@ -18,6 +18,10 @@ What trains (``FinetuneConfig.train``):
   table itself trains), and each layer's weight scales (per channel or
   group: the learnable scales ternary and binary weights need).
 
+``FinetuneConfig.rollout = k > 1`` replaces that loss by trajectory matching (:class:`Rollout`): the
+student takes ``k`` DDIM steps from the FP ``x_t`` on its own predictions and is scored where it lands
+against the FP trajectory, in the same units (``k = 1`` is the loss above).
+
 Every call of the recording holds rows of one step (one row per sample); a quarter of the samples
 is held out and scored every ``eval_every`` steps, and the state with the lowest held-out loss is
 the one kept (a fine-tuned model overfits a few trajectories quickly: on fashion-unet W4A4 with 16
