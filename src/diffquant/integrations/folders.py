@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from diffquant.denoiser import UnsupportedModelError
-from diffquant.integrations.pipelines import diffusers_model_class, is_pipeline, quiet_loading
+from diffquant.integrations.pipelines import diffusers_model_class, is_pipeline
+from diffquant.integrations.quiet import quiet_loading
 from diffquant.timestep import denoising_step
 
 TEXT_TOKENS = 77  # the sequence length of random text embeddings (CLIP's)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from diffquant.denoiser import UnsupportedModelError, batch_size, timestep_argument, timestep_of
+from diffquant.integrations.quiet import quiet_loading
 from diffquant.timestep import StepInfo
 from diffquant.trajectory import Recorder, Trajectory, union_rows
 
@@ -219,33 +220,6 @@ def model_builder(config_dir: str | os.PathLike) -> Callable[[], nn.Module]:
     if cls is None:
         raise ValueError(f"{path}: _class_name {config.get('_class_name')!r} is not a diffusers model class")
     return lambda: cls.from_config(config)
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """diffusers' and transformers' load-time chatter off inside the block: advice printed on every load
-    (install accelerate; install torchvision for image processors no diffusion pipeline here uses;
-    ``torch_dtype`` renamed), and their progress bars over a load of a second. Errors still print;
-    everything is restored after."""
-    import warnings
-
-    libraries = []
-    for name in ("diffusers", "transformers"):
-        with contextlib.suppress(ImportError):
-            libraries.append(__import__(f"{name}.utils.logging", fromlist=["logging"]))
-    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
-    for lib in libraries:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers(\.|$)")
-            yield
-    finally:
-        for lib, (verbosity, bar) in zip(libraries, saved, strict=True):
-            lib.set_verbosity(verbosity)
-            if bar:
-                lib.enable_progress_bar()
 
 
 def load_pipeline(directory: str | os.PathLike, denoiser: nn.Module):

@@ -235,7 +235,7 @@ def load_fashion_sd(path: str | os.PathLike | None = None):
             f"no fashion-sd pipeline at {folder} (model_index.json missing): train and export it with "
             "`diffquant train sd --out DIR`, or reinstall diffquant"
         )
-    from diffquant.integrations.pipelines import quiet_loading
+    from diffquant.integrations.quiet import quiet_loading
 
     with quiet_loading():
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
