@@ -173,11 +173,15 @@ class Rollout:
         a = self.abar[int(call.step.timestep)]
         return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
 
-    def step(self, x: torch.Tensor, eps: torch.Tensor, call: DenoiserCall, following: DenoiserCall) -> torch.Tensor:
-        """DDIM's update to the next call, as diffusers' ``DDIMScheduler`` takes it: to ``t - T // steps``
+    def abar_next(self, call: DenoiserCall, following: DenoiserCall) -> float:
+        """``alpha_bar`` DDIM steps ``call`` to, as diffusers' ``DDIMScheduler`` takes it: at ``t - T // steps``
         (with "trailing" spacing and ``T / steps`` not whole, one off the next call's own ``t``)."""
         prev = int(call.step.timestep) - len(self.abar) // int(call.step.num_steps)
-        a = self.abar[prev if prev >= 0 else int(following.step.timestep)]
+        return self.abar[prev if prev >= 0 else int(following.step.timestep)]
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, call: DenoiserCall, following: DenoiserCall) -> torch.Tensor:
+        """DDIM's (eta 0) update of ``x`` from ``call`` to ``following``."""
+        a = self.abar_next(call, following)
         return math.sqrt(a) * self.x0(x, eps, call) + math.sqrt(1 - a) * eps
 
     def with_input(self, call: DenoiserCall, x: torch.Tensor) -> DenoiserCall:
@@ -191,8 +195,8 @@ class Rollout:
         a = self.abar[int(call.step.timestep)]
         if following is None:
             return math.sqrt((1 - a) / a)
-        one = torch.ones(1, dtype=torch.float64)
-        return abs(float(self.step(one * 0, one, call, following)))
+        a2 = self.abar_next(call, following)
+        return abs(math.sqrt(1 - a2) - math.sqrt(a2) * math.sqrt((1 - a) / a))
 
     def loss(self, model: nn.Module, entry, positions: list[int]) -> torch.Tensor:
         """The squared distance at the end of the rollout, divided by the squared gain of its first step:
