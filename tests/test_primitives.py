@@ -219,3 +219,23 @@ def test_ternary_weights_saved_two_codes_per_byte_still_load():
     layer._w_cache = None
     assert torch.equal(layer.integer_weight(), codes)
     torch.testing.assert_close(layer(x), new, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [48, 40])
+def test_group_fake_quant_is_per_token_fake_quant_of_each_group(channels):
+    """One scale per token and per 16 channels; 40 channels: the last group has 8 (its padding changes nothing)."""
+    from diffquant import primitives as P
+
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, 5, 3) * torch.logspace(-2, 1, channels).view(1, -1, 1, 1)
+    got = P.dynamic_fake_quant(x, get_qtype("int4"), "group", False, 1, 16)
+    ref = torch.cat([
+        P.dynamic_fake_quant(x[:, g : g + 16], get_qtype("int4"), "token", False, 1) for g in range(0, channels, 16)
+    ], 1)  # fmt: skip
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, P.dynamic_fake_quant(x, get_qtype("int4"), "token", False, 1))
+    lin = torch.randn(3, 7, channels)
+    ref = torch.cat([
+        P.dynamic_fake_quant(lin[..., g : g + 16], get_qtype("int4"), "token", True, -1) for g in range(0, channels, 16)
+    ], -1)  # fmt: skip
+    assert torch.equal(P.dynamic_fake_quant(lin, get_qtype("int4"), "group", True, -1, 16), ref)

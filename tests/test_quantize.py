@@ -35,6 +35,9 @@ RECIPES = {
     "w4a8-tdq": get_recipe("w4a8-tdq"),
     "w4a4-tdq": get_recipe("w4a4-tdq"),
     "w8a8-dynamic": get_recipe("w8a8-dynamic"),
+    "w4a4-group": get_recipe("w4a4").replace(
+        act_mode="dynamic", act_granularity="group", act_group_size=8, name="w4a4-g8"
+    ),
     "bucketed": get_recipe("w8a6").replace(act_mode="bucketed", buckets=3, name="w8a6-b3"),
     "minmax-single": get_recipe("w8a8").replace(observer="minmax", calibration={"selection": "single"}),
     "percentile-ndtc": get_recipe("w8a8").replace(observer="percentile", calibration={"selection": "ndtc"}),
@@ -45,12 +48,12 @@ RECIPES = {
 MEASURED_SQNR = {
     "unet": {
         "w8a8": 32.6, "w4a8": 19.1, "fp8": 22.5, "fp8-attn": 22.3, "w8a16": 43.0, "w8a4": 13.2, "w4a4": 12.0,
-        "w4a16": 19.2, "w4a16-mse": 18.3, "w4a8-tdq": 19.0, "w4a4-tdq": 12.5, "w8a8-dynamic": 38.3,
+        "w4a16": 19.2, "w4a16-mse": 18.3, "w4a8-tdq": 19.0, "w4a4-tdq": 12.5, "w8a8-dynamic": 38.3, "w4a4-group": 16.1,
         "bucketed": 23.3, "minmax-single": 32.4, "percentile-ndtc": 31.3, "trt-percentile": 32.1,
     },
     "dit": {
         "w8a8": 39.9, "w4a8": 29.3, "fp8": 33.6, "fp8-attn": 33.5, "w8a16": 47.0, "w8a4": 31.1, "w4a4": 26.9,
-        "w4a16": 29.4, "w4a16-mse": 28.3, "w4a8-tdq": 29.3, "w4a4-tdq": 27.1, "w8a8-dynamic": 49.9,
+        "w4a16": 29.4, "w4a16-mse": 28.3, "w4a8-tdq": 29.3, "w4a4-tdq": 27.1, "w8a8-dynamic": 49.9, "w4a4-group": 29.2,
         "bucketed": 37.4, "minmax-single": 40.1, "percentile-ndtc": 40.2, "trt-percentile": 39.1,
     },
 }  # fmt: skip

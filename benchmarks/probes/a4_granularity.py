@@ -93,17 +93,17 @@ def main() -> None:
         if kind.startswith("c"):  # token-c0.9: per token, ranges clipped to 90 %
             SETTINGS["clip"], kind = float(kind[1:]), "token"
         ROTATE["on"] = v.startswith("rot")
-        SETTINGS["group"] = int(kind[1:]) if kind.startswith("g") else 0
         if kind == "static":
             recipe = get_recipe("w8a4").replace(
                 weights="none", activations=bits, act_mode="bucketed", buckets=50,
                 calibration=CalibrationConfig(selection="all", n_samples=64), weight_method="rtn",
             )  # fmt: skip
         else:
-            gran = "tensor" if kind == "tensor" else "token"
+            gran = "tensor" if kind == "tensor" else "group" if kind.startswith("g") else "token"
             recipe = get_recipe("w8a4").replace(
-                weights="none", activations=bits, act_mode="dynamic", act_granularity=gran, weight_method="rtn"
-            )
+                weights="none", activations=bits, act_mode="dynamic", act_granularity=gran, weight_method="rtn",
+                act_group_size=int(kind[1:]) if gran == "group" else 16,
+            )  # fmt: skip
         qmodel = diffquant.quantize(load_builtin(model_name), recipe, progress=False)
         errs = []
         with torch.no_grad():

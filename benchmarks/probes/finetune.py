@@ -7,7 +7,8 @@ The setting is a named recipe followed by ``+key=value`` changes to its :class:`
 (``train`` takes ``lora/scales``) or to the recipe's own string / number fields (``act_mode=dynamic``). Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
 one JSON line: FD against the training set and PSNR against the FP images from identical noise
 (DDIM-50, seed 0), before and after fine-tuning, the held-out distillation loss, seconds and peak RSS.
-The FP images and the PTQ model (``.ptq_MODEL_RECIPE/``, with its scores) are cached beside this file. A probe harness (no resume, no interval); the
+The FP images and the PTQ model (``.ptq_MODEL_RECIPE/``, with its scores) are cached beside this file,
+the fine-tuned model is saved there (``.ft_MODEL_SETTING/``). A probe harness (no resume, no interval); the
 fine-tuning table is the protocol of record.
 """
 
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from act_groups import SETTINGS, install  # beside this file
 from fp_cache import fp_images
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -43,9 +43,7 @@ def parse(setting: str):
     recipe_fields = {f.name: f.type for f in dataclasses.fields(type(recipe))}
     for change in changes:
         key, value = change.split("=")
-        if key == "act_group":  # probe only: per-token scales per group of this many channels (monkeypatched)
-            install()  # probe only: act_groups.py
-            SETTINGS["group"] = int(value)
+        if key == "act_group":  # per-token scales per group of this many channels (the settings' old spelling)
             recipe_kw["act_group"] = value
             continue
         if key not in fields and key in recipe_fields and key != "finetune":  # a recipe field (str / int / float)
@@ -63,7 +61,9 @@ def parse(setting: str):
             kw[key] = type(default)(value)
     if recipe_kw:
         label = recipe.name + "".join(f"+{k}={v}" for k, v in recipe_kw.items())
-        recipe = recipe.replace(name=label, **{k: v for k, v in recipe_kw.items() if k != "act_group"})
+        if "act_group" in recipe_kw:
+            recipe_kw.update(act_granularity="group", act_group_size=int(recipe_kw.pop("act_group")))
+        recipe = recipe.replace(name=label, **recipe_kw)
     return recipe, dataclasses.replace(config, **kw)
 
 
@@ -89,6 +89,11 @@ def main() -> None:
         return out
 
     ptq = Path(__file__).parent / f".ptq_{model_name}_{recipe.name}"  # the PTQ model and its scores, reused
+    # a cache made by an older probe (per-group scales once were a monkeypatch) holds another recipe
+    cached = ptq / "recipe.json"
+    if cached.is_file() and json.loads(cached.read_text()) != json.loads(recipe.replace(finetune=None).to_json()):
+        print(f"{ptq.name}: cached under another recipe, quantizing again", flush=True)
+        (ptq / "before.json").unlink(missing_ok=True)
     if (ptq / "before.json").is_file():
         qmodel = diffquant.load_quantized(ptq, load_builtin(model_name))
         before, quantize_s = json.loads((ptq / "before.json").read_text())
@@ -103,6 +108,8 @@ def main() -> None:
     diffquant.finetune(qmodel, load_builtin(model_name), config, progress=False)
     finetune_s = time.time() - start
     diffquant.freeze(qmodel)  # integers again, as quantize() leaves a fine-tuned model
+    # the fine-tuned model, for later evaluations (lowering, N = 5000): not committed
+    diffquant.save_quantized(qmodel, Path(__file__).parent / f".ft_{model_name}_{setting}", model_name)
     after = score(qmodel, lowered=64)
     report = qmodel.diffquant_report["finetune"]
     row = dict(

@@ -374,7 +374,8 @@ def _recipe_line(name: str, r) -> str:
     """One line of ``diffquant recipes``: the formats, the methods beyond them."""
     weights = r.weights + (f"/g{r.weight_group_size}" if r.weight_group_size else "")
     weights += "" if r.weight_method == "rtn" else f" {r.weight_method}"
-    acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{r.act_granularity}"
+    per = f"group of {r.act_group_size}" if r.act_granularity == "group" else r.act_granularity
+    acts = "float" if r.activations == "none" else f"{r.activations} {r.act_mode} per-{per}"
     extras = [
         *(
             ["SmoothQuant " + (f"alpha {r.smoothquant_alpha}" if r.smoothquant_alpha else "searched")]

@@ -51,6 +51,7 @@ def prepare(model: nn.Module, recipe: Recipe | str, num_timesteps: int | None = 
         kw = dict(
             qtype=get_qtype(fmt), mode=recipe.act_mode, granularity=recipe.act_granularity,
             symmetric=recipe.act_symmetric, buckets=recipe.buckets, num_timesteps=T, name=name,
+            group_size=recipe.act_group_size,
             tdq={"hidden": recipe.tdq_hidden, "n_freqs": recipe.tdq_freqs},
         )  # fmt: skip
         kw.update(extra)

@@ -104,7 +104,8 @@ def dynamic_range(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> t
     """Min and max of ``x`` per tensor (shape ``()``) or per token.
 
     Per token reduces over ``channel_dim`` only (the features of a Linear input, the channels of a
-    Conv2d input), keeping it as a size-1 dim for broadcasting.
+    Conv2d input), keeping it as a size-1 dim for broadcasting. (Per-group ranges:
+    :func:`dynamic_fake_quant` with ``granularity="group"``.)
     """
     if granularity == "tensor":
         return x.detach().amin(), x.detach().amax()
@@ -114,12 +115,38 @@ def dynamic_range(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> t
 
 
 def dynamic_fake_quant(
-    x: torch.Tensor, qtype: QType, granularity: str = "token", symmetric: bool = True, channel_dim: int = -1
+    x: torch.Tensor,
+    qtype: QType,
+    granularity: str = "token",
+    symmetric: bool = True,
+    channel_dim: int = -1,
+    group_size: int = 0,
 ) -> torch.Tensor:
-    """Fake-quantize with a scale computed from ``x`` itself (dynamic quantization)."""
+    """Fake-quantize with a scale computed from ``x`` itself (dynamic quantization).
+
+    ``granularity="group"``: one scale per token and per ``group_size`` consecutive channels of it (as
+    NVFP4 / MXFP4 block activations); when ``group_size`` does not divide the channels the last group
+    is shorter (padded with copies of its last channel, which change neither its min nor its max).
+    """
+    if granularity == "group":
+        return _group_fake_quant(x, qtype, symmetric, channel_dim, group_size)
     lo, hi = dynamic_range(x, granularity, channel_dim)
     scale, zero_point = scale_from_range(lo, hi, qtype, symmetric)
     return fake_quant(x, qtype, scale.to(x.dtype), zero_point.to(x.dtype), symmetric)
+
+
+def _group_fake_quant(
+    x: torch.Tensor, qtype: QType, symmetric: bool, channel_dim: int, group_size: int
+) -> torch.Tensor:
+    if group_size < 1:
+        raise ValueError(f"per-group activation scales need group_size >= 1, got {group_size}")
+    xt = x.movedim(channel_dim, -1)
+    c = xt.shape[-1]
+    pad = -c % group_size
+    if pad:
+        xt = torch.cat([xt, xt[..., -1:].expand(*xt.shape[:-1], pad)], -1)
+    y = dynamic_fake_quant(xt.reshape(*xt.shape[:-1], -1, group_size), qtype, "token", symmetric, -1)
+    return y.reshape(*xt.shape[:-1], c + pad)[..., :c].movedim(-1, channel_dim)
 
 
 # ----------------------------------------------------------------------------------------- weights

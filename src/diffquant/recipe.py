@@ -351,7 +351,10 @@ class Recipe:
         act_mode: ``static`` (one scale for all steps), ``bucketed`` (``buckets`` groups of
             steps), ``tdq`` (a fitted function of the time step, tabulated per step: Temporal
             Dynamic Quantization), ``dynamic`` (computed on the fly).
-        act_granularity: ``tensor`` or ``token`` (``token`` needs ``dynamic``).
+        act_granularity: ``tensor``, ``token`` (one scale per token: per row of a Linear input, per
+            pixel of a convolution's) or ``group`` (one per token and per ``act_group_size`` channels
+            of it); ``token`` and ``group`` need ``dynamic``.
+        act_group_size: channels per scale of ``group`` granularity.
         act_symmetric: symmetric activation grid (default asymmetric, with a zero point).
         buckets: number of step groups for ``bucketed``.
         observer: ``minmax``, ``percentile``, ``mse`` or ``step-percentile`` (TensorRT's
@@ -394,6 +397,7 @@ class Recipe:
     activations: str = "int8"
     act_mode: str = "static"
     act_granularity: str = "tensor"
+    act_group_size: int = 16
     act_symmetric: bool = False
     buckets: int = 1
     observer: str = "mse"
@@ -444,10 +448,12 @@ class Recipe:
             raise ValueError(f"tdq_fit must be 'range' or 'output' and tdq_fit_iters >= 0, got {self.tdq_fit!r}")
         if self.tdq_fit == "output" and self.act_mode != "tdq":
             raise ValueError(f"tdq_fit='output' refits TDQ ranges: it needs act_mode='tdq', got {self.act_mode!r}")
-        if self.act_granularity not in ("tensor", "token"):
-            raise ValueError(f"act_granularity must be tensor or token, got {self.act_granularity!r}")
-        if self.act_granularity == "token" and self.act_mode != "dynamic":
-            raise ValueError("per-token activation scales need act_mode='dynamic'")
+        if self.act_granularity not in ("tensor", "token", "group"):
+            raise ValueError(f"act_granularity must be tensor, token or group, got {self.act_granularity!r}")
+        if self.act_granularity != "tensor" and self.act_mode != "dynamic":
+            raise ValueError(f"per-{self.act_granularity} activation scales need act_mode='dynamic'")
+        if self.act_group_size < 1:
+            raise ValueError(f"act_group_size must be >= 1, got {self.act_group_size}")
         if self.act_mode == "bucketed" and self.buckets < 2:
             raise ValueError("bucketed mode needs buckets >= 2")
         if self.observer not in OBSERVERS:

@@ -24,14 +24,18 @@ class LoweringError(ValueError):
 HANDLES = itertools.count()  # integer handles of lowered layers and step lookups (custom-op arguments)
 
 
-def integer_obstacle(m: QuantModule, where: str, per_token: bool = False, fp8: bool = False) -> str | None:
+def integer_obstacle(
+    m: QuantModule, where: str, per_token: bool = False, fp8: bool = False, per_group: bool = False
+) -> str | None:
     """Why ``m`` cannot run on integer kernels of ``where`` (e.g. "oneDNN"), or ``None`` when it can.
 
     Integer kernels take integer weights of at most 8 bits with one scale per output channel, and one
     integer activation scale per tensor (static, per step, or computed on the fly); backends add
     their own limits on top. ``per_token=True``: the backend also takes dynamic per-token scales
-    (one per row of a GEMM, applied after it). ``fp8=True``: it also takes FP8 E4M3 weights with FP8
-    activations (per tensor), the float counterpart of the same layout.
+    (one per row of a GEMM, applied after it). ``per_group=True``: it also takes dynamic per-group
+    activation scales of integer formats (the CPU backend runs them as per-token codes of the
+    group-quantized values). ``fp8=True``: it also takes FP8 E4M3 weights with FP8 activations (per
+    tensor), the float counterpart of the same layout.
     """
     if not m.frozen:
         return "float weights (weight format none, or not frozen)"
@@ -52,7 +56,9 @@ def integer_obstacle(m: QuantModule, where: str, per_token: bool = False, fp8: b
             continue
         if q.qtype.is_int == float_weights:  # integer x integer, or fp8 x fp8
             return f"{m.weight_qtype} weights with {q.qtype} activations (no such kernel in {where})"
-        if q.granularity != "tensor" and not (per_token and q.mode == "dynamic" and not float_weights):
+        if q.granularity == "group" and not (per_group and not float_weights):
+            return f"per-group activation scales (no kernel for them in {where})"
+        if q.granularity == "token" and not (per_token and not float_weights):
             return f"per-token activation scales ({where} takes one scale per tensor)"
         if q.learnable:
             return "learnable TDQ generator (freeze it into its table first)"

@@ -198,9 +198,10 @@ class _ExportQuantizer(nn.Module):
         if q.mode != "dynamic" and not q._ready:
             raise ExportError(f"{q.name}: activation scales are not calibrated; quantize the model with calibration")
         if q.qtype.kind == "float" and q.granularity != "tensor":
-            raise ExportError(f"{q.name}: per-token fp8 activations have no ONNX form; use per-tensor scales")
+            raise ExportError(f"{q.name}: per-{q.granularity} fp8 activations have no ONNX form; use per-tensor scales")
         self.name, self.qtype, self.symmetric = q.name, q.qtype, q.symmetric
         self.mode, self.granularity, self.channel_dim = q.mode, q.granularity, q.channel_dim
+        self.group_size = q.group_size
         self.clock = clock
         self.codes_exact = q.qtype.is_int and q.granularity == "tensor"  # uint8 codes + one scale
         self.shift = 2 ** (q.qtype.bits - 1) if q.symmetric and q.qtype.is_int else 0
@@ -243,7 +244,7 @@ class _ExportQuantizer(nn.Module):
             return _Dequantize.apply(q, scale, zp, 0)
         if self.qtype.kind == "float":
             return _Fp8QuantDequant.apply(x, self.params(x)[0])
-        return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim)
+        return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim, self.group_size)
 
 
 class _LayerBase(nn.Module):

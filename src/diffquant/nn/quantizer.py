@@ -20,7 +20,7 @@ from diffquant.qtypes import QType, get_qtype
 from diffquant.timestep import require_step
 
 MODES = ("static", "bucketed", "tdq", "dynamic")
-GRANULARITIES = ("tensor", "token")
+GRANULARITIES = ("tensor", "token", "group")
 
 
 class CalibrationError(RuntimeError):
@@ -35,13 +35,15 @@ class ActQuantizer(nn.Module):
         mode: ``static`` (one scale), ``bucketed`` (one per group of steps), ``tdq`` (one per
             time step, from a fitted generator of ``t``: Temporal Dynamic Quantization) or
             ``dynamic``.
-        granularity: ``tensor`` or ``token`` (dynamic mode only: one scale per row/pixel).
+        granularity: ``tensor``, ``token`` (dynamic mode only: one scale per row/pixel) or ``group``
+            (dynamic mode only: one per token and per ``group_size`` consecutive channels of it).
         symmetric: symmetric grid (zero point 0) or asymmetric (unsigned grid + zero point).
         channel_dim: the dim reduced for per-token scales (-1 for Linear inputs, 1 for Conv2d).
         buckets: number of scale buckets (1 for static).
         num_timesteps: the model's training time steps ``T``.
         name: the layer this quantizer belongs to, for error messages.
         tdq: keyword arguments of :class:`~diffquant.nn.tdq.TDQGenerator` (tdq mode).
+        group_size: channels per scale of ``group`` granularity.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ActQuantizer(nn.Module):
         num_timesteps: int = 1000,
         name: str = "",
         tdq: dict | None = None,
+        group_size: int = 16,
     ):
         super().__init__()
         self.qtype = get_qtype(qtype)
@@ -64,10 +67,13 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"activation mode must be one of {MODES}, got {mode!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if granularity == "token" and mode != "dynamic":
-            raise ValueError("per-token activation scales are computed on the fly: use mode='dynamic'")
+        if granularity != "tensor" and mode != "dynamic":
+            raise ValueError(f"per-{granularity} activation scales are computed on the fly: use mode='dynamic'")
+        if granularity == "group" and group_size < 1:
+            raise ValueError(f"per-group activation scales need group_size >= 1, got {group_size}")
         self.mode = mode
         self.granularity = granularity
+        self.group_size = group_size if granularity == "group" else 0
         self.symmetric = symmetric or self.qtype.kind == "float"
         self.channel_dim = channel_dim
         self.name = name
@@ -92,7 +98,8 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
-        return f"{self.qtype}, {self.mode}, {self.granularity}, {sym}, buckets={self.scale.numel()}"
+        group = f" of {self.group_size}" if self.group_size else ""
+        return f"{self.qtype}, {self.mode}, {self.granularity}{group}, {sym}, buckets={self.scale.numel()}"
 
     def step_table(self) -> torch.Tensor:
         """``(T,)`` long: the index into ``scale`` of every time step ``t``."""
@@ -123,7 +130,9 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.mode == "dynamic":
-            return P.dynamic_fake_quant(x, self.qtype, self.granularity, self.symmetric, self.channel_dim)
+            return P.dynamic_fake_quant(
+                x, self.qtype, self.granularity, self.symmetric, self.channel_dim, self.group_size
+            )
         if self.learnable and self.generator is not None:
             t = torch.tensor([self._timestep()], device=x.device)
             lo, hi = self.generator.ranges(t)
