@@ -247,7 +247,7 @@ def test_recipes_json_prints_recipe_files_that_load(tmp_path):
     assert_user_error(result, "all.json", "diffquant recipes NAME --json")
     assert not (tmp_path / "q").exists()
     assert_user_error(run("recipes", "w9a9"), "Unknown recipe 'w9a9'")
-    assert "fine-tuned 2000 steps" in run("recipes", "w4a4-ft").stdout
+    assert "fine-tuned 400 steps" in run("recipes", "w4a4-ft").stdout
 
 
 def test_recipes_lists_named_recipes():

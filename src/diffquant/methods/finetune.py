@@ -149,7 +149,8 @@ class Rollout:
             if len(set(call.samples)) != len(call.samples):
                 raise ValueError(
                     "fine-tuning with rollout > 1: the recording holds classifier-free guidance batches (a sample "
-                    "twice in one call); record without guidance, or use rollout=1"
+                    "twice in one call); record without guidance, or use rollout=1 (a recipe file: "
+                    "`diffquant recipes NAME --json`, its finetune.rollout set to 1)"
                 )
             at[(tuple(call.samples), call.step.index)] = i
         self.next = {i: at.get((key[0], key[1] + 1)) for key, i in at.items()}
