@@ -12,7 +12,9 @@ computes the same FD.
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,8 +34,21 @@ def init_from_env(backend: str | None = None) -> bool:
                 backend = "cpu:gloo,cuda:nccl"
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_leave)
         return True
     return False
+
+
+def _leave() -> None:
+    """Let gloo's worker threads finish, then destroy the process group, before the interpreter's
+    teardown. A worker drops its last reference to a finished collective's tensors after the caller
+    has moved on, and when the caller's Python tensor is gone that needs the GIL; at teardown it
+    never gets it and the rank aborts ("terminate called without an active exception": 11 runs in 16
+    of 50 all-reduces of temporaries, 1 in 4 of a 2-rank fine-tune; none in 16 with this). A short
+    sleep hands the worker the GIL."""
+    if dist.is_initialized():
+        time.sleep(0.05)
+        dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:
