@@ -262,6 +262,10 @@ class FinetuneConfig:
             never sees. Needs a deterministic DDIM trajectory (eta 0, noise-prediction outputs, no
             guidance batches) with its noise schedule; checked on the recording itself. Costs ``k``
             forward and backward passes per step.
+        rollout_fallback: where the recording cannot be rolled (no noise schedule, guidance batches,
+            not a DDIM trajectory), warn and train with ``rollout=1`` instead of raising; the report
+            says so (``rollout``, ``rollout_fallback``). On in the named recipes, so they fine-tune a
+            user's own sampling loop; off by default, so an explicit ``rollout`` is never dropped.
         eval_every: score the held-out trajectories every this many steps; the best-scoring state
             is the one kept (0: only at the end: the better of the start and the end).
         max_minutes: stop early after this much wall time (``None``: no limit).
@@ -283,6 +287,7 @@ class FinetuneConfig:
     train: tuple[str, ...] = ("lora", "scales")
     sigma_weight: float = 0.0
     rollout: int = 1
+    rollout_fallback: bool = False
     eval_every: int = 250
     max_minutes: float | None = None
     checkpoint_every: int = 0
@@ -614,7 +619,7 @@ INT4 = {"weights": "int4", "weight_group_size": 32}
 # FD gap +20 %, fashion-dit W4A4 +15 %; the per-step table with the one-step loss, 2000 steps: +191 %.
 PER_STEP = {"act_mode": "bucketed", "buckets": 50, "calibration": CalibrationConfig(selection="all")}
 PER_GROUP = {"act_mode": "dynamic", "act_granularity": "group", "act_group_size": 16}
-ROLLOUT = FinetuneConfig(rollout=5, iterations=400, eval_every=100)
+ROLLOUT = FinetuneConfig(rollout=5, rollout_fallback=True, iterations=400, eval_every=100)
 # Below 4 bits (ternary, binary) the conditioning layers keep int8 weights, as binary-weight papers keep
 # their first and last layers and embeddings at 8 bits (first and last are float here: DEFAULT_EXCLUDE).
 CONDITIONING_INT8 = tuple(Override(p, weights="int8") for p in DEFAULT_WEIGHT_ONLY)

@@ -302,8 +302,13 @@ def test_rollout_finetuning_lowers_its_loss_and_refuses_what_it_cannot_roll(ddim
     q = quantize(copy.deepcopy(fp), INT2, trajectory, progress=False)
     with pytest.raises(ValueError, match="alphas_cumprod"):  # the loop's schedule is not recorded by itself
         finetune(copy.deepcopy(q), trajectory, rolled, progress=False)
+    short = dataclasses.replace(rolled, rollout_fallback=True, iterations=2)  # the named recipes': warn, k = 1
+    with pytest.warns(UserWarning, match="rollout=1 instead of 3: .*alphas_cumprod"):
+        report = finetune(copy.deepcopy(q), trajectory, short, progress=False)
+    assert report["rollout"] == 1 and "alphas_cumprod" in report["rollout_fallback"]
     trajectory.alphas_cumprod = abar
     report = finetune(q, trajectory, rolled, progress=False)
+    assert report["rollout"] == 3 and "rollout_fallback" not in report
     # measured 155.9 -> 65.1 at 1 and 2 threads (a random toy: its untrained eps makes x large); the
     # random tiny UNet's 6-step recording learned too little with rollout to test this on (3 % at one
     # thread, nothing at two)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -368,7 +369,15 @@ def finetune(
     held_weight = step_weights(trajectory, held, config.sigma_weight).tolist() if held else []
     gen = torch.Generator().manual_seed(config.seed)
 
-    rollout = Rollout(trajectory, name, config.rollout) if config.rollout > 1 else None
+    rollout, fallback = None, None
+    if config.rollout > 1:
+        try:
+            rollout = Rollout(trajectory, name, config.rollout)
+        except ValueError as error:
+            if not config.rollout_fallback:
+                raise
+            fallback = str(error)
+            warnings.warn(f"fine-tuning with rollout=1 instead of {config.rollout}: {error}", stacklevel=2)
 
     def loss_of(entry, rows: torch.Tensor | None = None) -> torch.Tensor:
         i, positions, c, _ = entry
@@ -523,4 +532,5 @@ def finetune(
         "seconds": round(time.perf_counter() - start_time, 1), "stopped": stopped, "resumed_at": resumed_at,
         "best_step": best["step"], "held_curve": [[k, round(h, 8)] for k, h in curve],
         "rows": {"train_calls": len(train), "held_calls": len(held)},
+        "rollout": rollout.k if rollout is not None else 1, **({"rollout_fallback": fallback} if fallback else {}),
     }  # fmt: skip
