@@ -10,7 +10,8 @@ Variants: ``static`` per-step scales (bucketed, 50 buckets), ``tensor`` / ``toke
 ``gN``: dynamic with one scale per group of N channels of each token (per-group activations,
 SVDQuant's INT4 setting, NVFP4's 16-element blocks); ``rot-`` before a variant: each layer's input
 rotated along its channels first (a randomized Hadamard, QuaRot's trick; the weights would hold the
-inverse rotation); ``token-cR``: per token with every range shrunk to the fraction R (clipping). Appends to ``benchmarks/results/a4_granularity_probe.jsonl``.
+inverse rotation); ``token-cR``: per token with every range shrunk to the fraction R (clipping); ``f4gN``: per group
+of N with FP4 E2M1 values (NVFP4's format, scale ``amax / 6``) in place of asymmetric INT4. Appends to ``benchmarks/results/a4_granularity_probe.jsonl``.
 
 Measured (fashion-unet, 64 images, 2026-12-01, 1 thread beside other jobs): PSNR vs FP 20.0 dB with
 per-step static scales, 11.0 per-tensor dynamic (min-max: outliers set the grid), 27.4 per token,
@@ -18,7 +19,11 @@ per-step static scales, 11.0 per-tensor dynamic (min-max: outliers set the grid)
 pixel) is the lever; grouping channels adds 2-3 dB more. Neither rotation nor clipping helps: a
 randomized Hadamard first gives 27.3 dB per token (20.6 with per-step static scales), and per-token
 ranges shrunk to 90 / 80 / 70 % give 21.2 / 15.8 / 12.4 dB (the extremes of a pixel carry signal).
-Fine-tuning (benchmarks/probes/finetune.py, W4 per-channel GPTQ weights, 2000 steps): per token
+FP4 instead of INT4 loses (2026-12-03, AMD EPYC, 64 images, 1 thread each, two at once): groups of
+16 / 8 with E2M1 values 23.4 / 23.9 dB on fashion-unet against 30.9 / 32.4 with asymmetric INT4,
+fashion-dit 27.9 / 30.8 against 29.1 / 33.0; its noise-prediction error is twice INT4's: E2M1 is
+symmetric, and most layer inputs here are one-sided (after SiLU / GELU), where it spends half its
+levels on values that never occur. Fine-tuning (benchmarks/probes/finetune.py, W4 per-channel GPTQ weights, 2000 steps): per token
 FD 2.59 -> 1.64, PSNR 23.5 -> 24.4 dB; per-step static FD 5.12 -> 2.47, 18.0 -> 22.5 dB (FP FD 0.847).
 """
 
@@ -89,7 +94,9 @@ def main() -> None:
         start = time.time()
         bits = "int8" if v.startswith("a8") else "int4"
         kind = v.split("-")[-1]
-        SETTINGS["clip"] = 1.0
+        SETTINGS["clip"], SETTINGS["fp4"] = 1.0, False
+        if kind.startswith("f4g"):  # f4g16: per group of 16, FP4 E2M1 values (NVFP4-style)
+            SETTINGS["fp4"], kind = True, kind[2:]
         if kind.startswith("c"):  # token-c0.9: per token, ranges clipped to 90 %
             SETTINGS["clip"], kind = float(kind[1:]), "token"
         ROTATE["on"] = v.startswith("rot")
