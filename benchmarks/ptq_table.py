@@ -42,6 +42,10 @@ Methods:
              fine-tuning (FinetuneConfig defaults: LoRA + LSQ scales, distilled on the FP trajectory);
              ft-tdq / ft-static the same from TDQ / static ranges, ft-lora with the scales frozen,
              ft-dynamic from per-token dynamic activations (nothing to learn in them: LoRA only).
+    ft5-group, ft5-table, ft5-tdq, ft5-static  the fine-tuned named recipes (``w8a4-ft``, ``w4a4-ft``,
+             ``-table-ft``, ``w4a4-tdq-ft``) and their static-range twin: a five-step rollout loss
+             (trajectory matching), 400 steps, from per-group dynamic activations (16 channels) /
+             one scale per step / TDQ / one static scale
              The row keeps the fine-tuning's cost (seconds, iterations) and held-out losses; W2A8 / W1A8
              (ternary / binary weights) are meant with these methods.
 
@@ -52,6 +56,7 @@ the FD difference between the two FP rows is the sampling noise of the FD at thi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -66,7 +71,7 @@ from diffquant import load_quantized, quantize, save_quantized
 from diffquant.eval import Evaluator, extract_features, paired_fd_gap_interval, psnr
 from diffquant.eval.evaluate import load_reference
 from diffquant.models import DENOISERS, load_builtin
-from diffquant.recipe import get_recipe
+from diffquant.recipe import PER_GROUP, ROLLOUT, get_recipe
 from diffquant.sampling import sample
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,6 +94,7 @@ BITS = {
 }
 BIT_KEYS = {k.upper(): k for k in BITS}  # command-line spelling is case-insensitive
 FT = {"weight_group_size": None, "output_correction": False, "finetune": {}}  # finetune: FinetuneConfig defaults
+ROLL = dataclasses.asdict(ROLLOUT)  # the named fine-tuned recipes' FinetuneConfig
 METHODS = {
     "naive": dict(
         observer="minmax",
@@ -138,6 +144,12 @@ METHODS = {
     ),
     # per-token dynamic activations (one scale per row / pixel, run by the CPU backend), LoRA only
     "ft-dynamic": dict(FT, act_mode="dynamic", act_granularity="token", calibration={"selection": "all"}),
+    # the fine-tuned named recipes (-ft, -table-ft, -tdq-ft; tests/test_recipe.py checks they are the
+    # same recipes): five-step rollout, 400 steps, from per-group dynamic / per-step / TDQ / static ranges
+    "ft5-group": dict(FT, **PER_GROUP, finetune=ROLL),
+    "ft5-table": dict(FT, act_mode="bucketed", buckets=50, calibration={"selection": "all"}, finetune=ROLL),
+    "ft5-tdq": dict(FT, act_mode="tdq", calibration={"selection": "all"}, finetune=ROLL),
+    "ft5-static": dict(FT, act_mode="static", buckets=1, calibration={"selection": "all"}, finetune=ROLL),
 }
 DEFAULT_METHODS = ("naive", "qdiff", "ptq4dm", "dynamic")
 

@@ -183,3 +183,25 @@ def test_method_settings_are_nested_validated_recipe_configs():
 
     (cfg,) = selections(r)
     assert (cfg.selection, cfg.every, cfg.uniform_from, cfg.n_samples) == ("uniform", 2, "last", 64)
+
+
+def test_the_fine_tuning_table_rows_are_the_named_recipes():
+    """benchmarks/ptq_table.py's ft5-* rows measure the fine-tuned recipes as they ship."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ptq_table.py"
+    spec = importlib.util.spec_from_file_location("ptq_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rows = {
+        ("W8A4", "ft5-group"): "w8a4-ft",
+        ("W4A4", "ft5-group"): "w4a4-ft",
+        ("W8A4", "ft5-table"): "w8a4-table-ft",
+        ("W4A4", "ft5-table"): "w4a4-table-ft",
+        ("W4A4", "ft5-tdq"): "w4a4-tdq-ft",
+    }
+    for (bits, method), name in rows.items():
+        row = table.recipe_for(bits, method, 128).to_dict()
+        shipped = get_recipe(name).replace(calibration={"n_samples": 128}).to_dict()
+        assert {**row, "name": name} == shipped, (bits, method)
