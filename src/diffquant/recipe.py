@@ -214,7 +214,7 @@ class OutputFitConfig:
             raise ValueError(f"output fit tdq_lr must be > 0, got {self.tdq_lr}")
 
 
-FINETUNE_TRAIN = ("lora", "weights", "scales", "weight_scales")
+FINETUNE_TRAIN = ("lora", "weights", "scales", "weight_scales", "smooth")
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,11 @@ class FinetuneConfig:
             ``scales`` (the activations' LSQ step sizes per quantizer and per step bucket, or the
             TDQ generators) and ``weight_scales`` (LSQ on the weight scales per
             channel or group; not by default: on a toy denoiser with int2 weights its gradient
-            raised the loss even on a single full batch, while activation scales lowered it).
+            raised the loss even on a single full batch, while activation scales lowered it), and
+            ``smooth``: a learned factor per input channel of each activation-quantized layer,
+            ``x / s`` before the input quantizer and ``W * s`` in the weight (OmniQuant's learnable
+            equivalent scaling; SmoothQuant's factors where the recipe has them, 1 otherwise), at
+            ``scale_lr``; kept in the model as its ``smooth`` buffer, which every backend runs.
         sigma_weight: extra weight of the noisy steps: each recorded call is drawn with probability
             proportional to ``1 + sigma_weight * sigma_t``, ``sigma_t = sqrt((1 - alpha_bar_t) /
             alpha_bar_t)`` (157 at t = 999 of the linear schedule, 0.01 at t = 0), and the held-out

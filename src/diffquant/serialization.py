@@ -241,6 +241,8 @@ def load_quantized(
     for name, m in model.named_modules():
         if isinstance(m, QuantModule) and f"{name}.qweight" in state:
             m.adopt_frozen(state, f"{name}.", device="meta" if on_meta else "cpu")
+        if isinstance(m, QuantModule) and f"{name}.smooth" in state and m.smooth is None:  # learned by fine-tuning
+            m.smooth = torch.empty_like(state[f"{name}.smooth"], device="meta" if on_meta else "cpu")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]

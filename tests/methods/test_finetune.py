@@ -325,3 +325,46 @@ def test_rollout_finetuning_lowers_its_loss_and_refuses_what_it_cannot_roll(ddim
         finetune(quantize(copy.deepcopy(plain_fp), INT2, plain, progress=False), plain, rolled, progress=False)
     with pytest.raises(ValueError, match="rollout must be >= 1"):
         FinetuneConfig(rollout=0)
+
+
+def test_learned_smoothing_trains_saves_loads_and_lowers(recorded, tmp_path):
+    """``train`` with ``smooth``: a factor per input channel of every activation-quantized layer
+    (``x / s``, ``W * s``) starts at 1 (the forward unchanged), lowers the held-out loss, is kept in the
+    layer's ``smooth`` buffer, saved and loaded bit-exact, and the CPU backend runs it."""
+    from diffquant.backends import lower
+
+    fp, trajectory = recorded
+    recipe = INT2.replace(act_mode="dynamic", act_granularity="group", act_group_size=4)
+    q = quantize(copy.deepcopy(fp), recipe, trajectory, progress=False)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 3])
+    config = dataclasses.replace(FAST, train=("smooth",), scale_lr=3e-2, iterations=60)
+    report = finetune(q, trajectory, config, progress=False)
+    layers = [m for m in quant_modules(q) if m.input_quantizer is not None]
+    assert report["trained"]["smooth_layers"] == len(layers) > 0 and report["trained"]["lora_layers"] == 0
+    assert report["held_after"] < 0.9 * report["held_before"], report
+    assert all(m.smooth_offset is None for m in layers)
+    assert any(not torch.allclose(m.smooth, torch.ones_like(m.smooth)) for m in layers)  # baked in
+    diffquant.freeze(q)
+    diffquant.save_quantized(q, tmp_path / "q")
+    loaded = diffquant.load_quantized(tmp_path / "q", PlainDenoiser)
+    with torch.no_grad():
+        ref = q(x, t, y)
+        assert torch.equal(loaded(x, t, y), ref)
+        for m in quant_modules(loaded):  # what fine-tuning it again starts from (convolutions smoothed too)
+            m.thaw()
+        torch.testing.assert_close(loaded(x, t, y), ref, rtol=0, atol=1e-5)
+        lowered, _ = lower(copy.deepcopy(q), "cpu")
+        out = lowered(x, t, y)
+    assert 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()) > 30  # measured 33.0 dB
+
+
+def test_smoothing_starts_as_the_identity(recorded):
+    from diffquant.methods.finetune import Trainables
+
+    fp, trajectory = recorded
+    q = quantize(copy.deepcopy(fp), INT2, trajectory, progress=False)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        before = q(x, t, y)
+        Trainables(q, dataclasses.replace(FAST, train=("smooth",)))
+        assert torch.equal(q(x, t, y), before)

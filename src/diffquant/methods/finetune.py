@@ -17,6 +17,9 @@ What trains (``FinetuneConfig.train``):
   for; its per-step table is rewritten from it; a TDQ model loaded from disk has no generator, the
   table itself trains), and each layer's weight scales (per channel or
   group: the learnable scales ternary and binary weights need).
+- ``smooth``: a factor per input channel of each activation-quantized layer (``x / s`` into its
+  quantizer, ``W * s`` into its weight; OmniQuant's learnable equivalent scaling), kept as the
+  layer's ``smooth`` buffer.
 
 ``FinetuneConfig.rollout = k > 1`` replaces that loss by trajectory matching (:class:`Rollout`): the
 student takes ``k`` DDIM steps from the FP ``x_t`` on its own predictions and is scored where it lands
@@ -249,6 +252,14 @@ class Trainables:
                 else:  # static, bucketed, and a loaded tdq one (its generator is not saved): LSQ on its table
                     q.scale_offset = nn.Parameter(torch.zeros_like(q.scale))
                     self.act.append(q)
+        self.smooth = []
+        if "smooth" in config.train:  # per input channel: x / s into the quantizer, W * s into the weight
+            for m in quant_modules(model):
+                if m.input_quantizer is None or getattr(m, "weight", None) is None or getattr(m, "groups", 1) != 1:
+                    continue
+                m.enable_smoothing()
+                m.smooth_offset = nn.Parameter(torch.zeros_like(m.smooth))
+                self.smooth.append(m)
         if "weight_scales" in config.train:
             for m in quant_modules(model):
                 if m.weight_qtype is None or m.weight_qtype.kind == "float":
@@ -264,6 +275,7 @@ class Trainables:
         for p in gen:
             p.requires_grad_(True)
         scales = [q.scale_offset for q in self.act] + [m.weight_scale_offset for m in self.weight]
+        scales += [m.smooth_offset for m in self.smooth]
         for p in self.weights:
             p.requires_grad_(True)
         out = []
@@ -276,7 +288,8 @@ class Trainables:
         return out
 
     def state(self) -> dict:
-        """What a checkpoint holds of the model: adapters, trained weights, scale offsets, TDQ generators."""
+        """What a checkpoint holds of the model: adapters, trained weights, scale offsets, TDQ generators,
+        smoothing offsets."""
 
         def copied(module: nn.Module) -> dict:  # a snapshot: state_dict() shares the live storage
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -287,6 +300,7 @@ class Trainables:
             "act": [q.scale_offset.detach().clone() for q in self.act],
             "weight": [m.weight_scale_offset.detach().clone() for m in self.weight],
             "tdq": [copied(q.generator) for q in self.tdq],
+            "smooth": [m.smooth_offset.detach().clone() for m in self.smooth],
         }
 
     @torch.no_grad()
@@ -301,6 +315,8 @@ class Trainables:
             m.weight_scale_offset.copy_(s)
         for q, s in zip(self.tdq, state["tdq"], strict=True):
             q.generator.load_state_dict(s)
+        for m, s in zip(self.smooth, state.get("smooth", []), strict=True):
+            m.smooth_offset.copy_(s)
 
     def broken(self) -> list[str]:
         """Names of trained tensors holding NaN / inf (what a non-finite loss came from)."""
@@ -310,7 +326,7 @@ class Trainables:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Merge the adapters, bake the scale offsets into the scales, rewrite TDQ tables; nothing trains."""
+        """Merge the adapters, bake the scale and smoothing offsets in, rewrite TDQ tables; nothing trains."""
         L.merge(self.model)
         for q in self.act:
             q.scale.mul_(q.scale_offset.exp())
@@ -318,6 +334,9 @@ class Trainables:
         for m in self.weight:
             m.weight_scale_fixed = m.weight_scale_fixed * m.weight_scale_offset.exp()
             m.weight_scale_offset = None
+        for m in self.smooth:
+            m.smooth.mul_(m.smooth_offset.exp())
+            m.smooth_offset = None
         for q in self.tdq:
             q.learnable = False
             q.write_tdq_table()
@@ -425,6 +444,7 @@ def finetune(
         trained = {
             "lora_layers": len(trainables.adapters), "weights": len(trainables.weights), "act_scales": len(trainables.act),
             "tdq_generators": len(trainables.tdq), "weight_scales": len(trainables.weight),
+            "smooth_layers": len(trainables.smooth),
         }  # fmt: skip
         opt = torch.optim.AdamW(groups) if groups else None
         base_lr = [g["lr"] for g in groups]

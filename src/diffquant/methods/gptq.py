@@ -94,8 +94,8 @@ class HessianCollector:
         m = self.module
         if self.quantized_input:  # x / s (SmoothQuant) and the input quantizer, as the forward does
             x = m.quantize_input(x, 1 if m.weight.dim() == 4 else -1)
-        elif m.smooth is not None:  # SmoothQuant (Linear layers): the quantized weight is W * s, its input x / s
-            x = x / m.smooth.to(x.dtype)
+        elif m.smooth is not None:  # SmoothQuant: the quantized weight is W * s, its input x / s
+            x = x / m.smooth_like(x, 1 if m.weight.dim() == 4 else -1)
         if m.weight.dim() == 4:  # Conv2d: (B, C*kh*kw, L) patches, in the weight's flattening order
             cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -427,7 +427,7 @@ def _round_layer(m: nn.Module, c: HessianCollector, damp: float) -> tuple[_Round
 
 def _assign(m: nn.Module, r: _Rounded) -> None:
     qw = r.weight()
-    new = qw if m.smooth is None else qw / m.smooth.to(qw.dtype)
+    new = qw if m.smooth is None else qw / m.smooth_like(qw, 1)
     m.weight.copy_(new.to(m.weight.dtype))
     m.weight_scale_fixed = r.scale.to(m.weight.device)
 

@@ -57,6 +57,7 @@ class QuantModule(nn.Module):
         self.smooth_stats = None  # a SmoothStats collector while SmoothQuant calibrates
         self.lora = None  # a QALoRA adapter while fine-tuning (diffquant.nn.lora), merged before freezing
         self.weight_scale_offset = None  # fine-tuning: log-multipliers of weight_scale_fixed, baked in after
+        self.smooth_offset = None  # fine-tuning: log-multipliers of the smoothing factors, baked in after
         if "smooth" not in self._buffers:
             self.register_buffer("smooth", None)  # SmoothQuant factors once enabled (None: not saved)
         if "weight_scale_fixed" not in self._buffers:
@@ -68,11 +69,32 @@ class QuantModule(nn.Module):
         if self.smooth is None:
             self.smooth = torch.ones(self.weight.shape[1], device=self.weight.device)
 
+    def _device(self) -> torch.device:
+        return next((t.device for t in (*self.parameters(), *self.buffers())), torch.device("cpu"))
+
+    def smooth_factors(self) -> torch.Tensor | None:
+        """The smoothing factors the forward divides the input by: ``smooth``, times the learned
+        multipliers while fine-tuning trains them (``FinetuneConfig.train`` with ``"smooth"``)."""
+        if self.smooth_offset is None:
+            return self.smooth
+        return self.smooth * self.smooth_offset.exp()
+
+    def smooth_like(self, t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+        """:meth:`smooth_factors` shaped to scale ``t`` along its input channels ``channel_dim`` (1 for
+        a weight, 1 or -1 for an input), ``None`` without smoothing."""
+        smooth = self.smooth_factors()
+        if smooth is None:
+            return None
+        shape = [1] * t.dim()
+        shape[channel_dim] = -1
+        return smooth.to(t.dtype).view(shape)
+
     def quantize_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if self.smooth_stats is not None and self.input_quantizer is not None and self.input_quantizer.observing:
             self.smooth_stats.update(x)
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
+        smooth = self.smooth_like(x, channel_dim)
+        if smooth is not None:
+            x = x / smooth
         if self.input_quantizer is None:
             return x
         if self.input_split:
@@ -98,7 +120,8 @@ class QuantModule(nn.Module):
         """The float weight that is quantized: ``weight`` (plus a LoRA update while fine-tuning), times
         the SmoothQuant factors if any."""
         w = self.weight if self.lora is None else self.weight + self.lora.delta(self.weight.shape)
-        return w if self.smooth is None else w * self.smooth.to(w.dtype)
+        smooth = self.smooth_like(w, 1)
+        return w if smooth is None else w * smooth
 
     def _pack_bits(self) -> int:
         """Bits per code of the packed ``qweight``: the format's own packing, or the one its length
@@ -149,7 +172,7 @@ class QuantModule(nn.Module):
         w = self._stored().dequantize().reshape(torch.Size(self.weight_shape.tolist())).float()
         scale = self.weight_scale.float().clone()
         if self.smooth is not None:
-            w = w / self.smooth.to(w.dtype)
+            w = w / self.smooth_like(w, 1)
         for key in ("qweight", "weight_scale", "weight_shape", "weight_group"):
             delattr(self, key)
         self.weight = nn.Parameter(w, requires_grad=False)
@@ -177,6 +200,8 @@ class QuantModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "qweight" in state_dict and not self.frozen:
             self.adopt_frozen(state_dict, prefix)  # make the integer buffers exist before loading
+        if prefix + "smooth" in state_dict and self.smooth is None:  # factors learned by fine-tuning
+            self.smooth = torch.empty_like(state_dict[prefix + "smooth"], device=self._device())
         for key in ("qweight", "weight_scale"):  # take the stored dtype (e.g. float32 scales out of fp16 range)
             saved = state_dict.get(prefix + key)
             if self.frozen and saved is not None and getattr(self, key).dtype != saved.dtype:
