@@ -115,6 +115,53 @@ def test_lsq_gradient_reaches_the_scale():
     assert scale.grad is not None and scale.grad != 0
 
 
+def _fake_quant_int_chain(x, scale, zero_point, qmin, qmax):
+    """The plain autograd chain :func:`P.fake_quant_int`'s fused node stands for."""
+    q = torch.clamp(P.round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+@pytest.mark.parametrize(
+    ("case", "scale_shape", "symmetric", "learn"),
+    [
+        ("clipped", (), True, False),  # a static scale smaller than the range: the mask matters
+        ("clipped", (), False, True),  # LSQ on a static scale and its zero point
+        ("in range", (6, 1), False, False),  # dynamic per-token scales: nothing clipped, dx = g
+        ("clipped", (6, 1), False, True),  # a learned per-token scale table
+    ],
+)
+def test_fused_fake_quant_has_the_values_and_gradients_of_the_plain_chain(case, scale_shape, symmetric, learn):
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(6, 40, generator=g) * 3
+    qmin, qmax = (-7, 7) if symmetric else (0, 15)
+    if case == "in range":
+        lo, hi = x0.amin(-1, keepdim=True), x0.amax(-1, keepdim=True)
+        s0, z0 = P.scale_from_range(lo, hi, int4, symmetric)
+    else:
+        s0 = torch.full(scale_shape, 0.2)
+        z0 = torch.zeros(scale_shape) if symmetric else torch.full(scale_shape, 8.0)
+    out_grad = torch.randn(6, 40, generator=g)
+    results = []
+    for fn in (_fake_quant_int_chain, P.fake_quant_int):
+        x = x0.clone().requires_grad_(True)
+        s, z = s0.clone().requires_grad_(learn), z0.clone().requires_grad_(learn and not symmetric)
+        y = fn(x, s, z, qmin, qmax)
+        (y * out_grad).sum().backward()
+        results.append((y.detach(), x.grad, s.grad, z.grad))
+    (y_ref, dx_ref, ds_ref, dz_ref), (y, dx, ds, dz) = results
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    if case == "clipped":
+        assert (dx == 0).any() and (dx != 0).any()  # the clamp's mask is in the gradient
+    if learn:
+        torch.testing.assert_close(ds, ds_ref, rtol=1e-5, atol=1e-5)
+        assert bool((ds != 0).all())
+        if not symmetric:
+            torch.testing.assert_close(dz, dz_ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert ds is None and ds_ref is None
+
+
 @pytest.mark.parametrize("qtype", [int8, int4, fp8_e4m3, ternary, binary])
 @pytest.mark.parametrize("group", [None, 32, 48])
 def test_stored_weight_dequantizes_to_the_fake_quant_weight(qtype, group):
