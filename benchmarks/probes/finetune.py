@@ -4,7 +4,10 @@
     OMP_NUM_THREADS=1 python benchmarks/probes/finetune.py fashion-unet "w4a4-tdq+iterations=4000+lr=1e-3" 500
 
 The setting is a named recipe followed by ``+key=value`` changes to its :class:`FinetuneConfig`
-(``train`` takes ``lora/scales``) or to the recipe's own string / number fields (``act_mode=dynamic``). Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
+(``train`` takes ``lora/scales``) or to the recipe's own string / number fields (``act_mode=dynamic``).
+``;`` chains stages, each a fine-tuning run from where the last one ended with more changes to its
+config (``"w2a8-ft+iterations=2000;rollout=5+iterations=200"``: one-step distillation, then trajectory
+matching); the row's ``stages`` keeps each one's report. Prints and appends to ``benchmarks/results/finetune_probe.jsonl``
 one JSON line: FD against the training set and PSNR against the FP images from identical noise
 (DDIM-50, seed 0), before and after fine-tuning, the held-out distillation loss, seconds and peak RSS.
 The FP images and the PTQ model (``.ptq_MODEL_RECIPE/``, with its scores) are cached beside this file,
@@ -34,10 +37,10 @@ from diffquant.sampling import sample
 OUT = Path(__file__).parents[1] / "results" / "finetune_probe.jsonl"
 
 
-def parse(setting: str):
+def parse(setting: str, base: FinetuneConfig | None = None):
     name, *changes = setting.split("+")
     recipe = get_recipe(name)
-    config = recipe.finetune or FinetuneConfig()
+    config = base or recipe.finetune or FinetuneConfig()
     fields = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
     kw, recipe_kw = {}, {}
     recipe_fields = {f.name: f.type for f in dataclasses.fields(type(recipe))}
@@ -67,9 +70,19 @@ def parse(setting: str):
     return recipe, dataclasses.replace(config, **kw)
 
 
+def stage_configs(config: FinetuneConfig, stages: list[str]) -> list[FinetuneConfig]:
+    """The configs of the chained stages after the first: each one the last with its changes."""
+    out = [config]
+    for stage in stages:
+        out.append(parse("w8a8+" + stage, base=out[-1])[1])
+    return out
+
+
 def main() -> None:
     model_name, setting, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    recipe, config = parse(setting)
+    first, *more = setting.split(";")
+    recipe, config = parse(first)
+    configs = stage_configs(config, more)
     evaluator = Evaluator()
     kw = dict(n=n, steps=50, sampler="ddim", seed=0, progress=False)
     fp, _ = fp_images(model_name, n)
@@ -104,14 +117,16 @@ def main() -> None:
         before = score(qmodel)
         diffquant.save_quantized(qmodel, ptq, model_name)
         (ptq / "before.json").write_text(json.dumps([before, quantize_s]))
-    start = time.time()
-    diffquant.finetune(qmodel, load_builtin(model_name), config, progress=False)
+    start, stages = time.time(), []
+    for stage in configs:  # each stage thaws the model from its integer weights and freezes it again
+        diffquant.finetune(qmodel, load_builtin(model_name), stage, progress=False)
+        stages.append(dict(qmodel.diffquant_report["finetune"]))
     finetune_s = time.time() - start
     diffquant.freeze(qmodel)  # integers again, as quantize() leaves a fine-tuned model
     # the fine-tuned model, for later evaluations (lowering, N = 5000): not committed
     diffquant.save_quantized(qmodel, Path(__file__).parent / f".ft_{model_name}_{setting}", model_name)
     after = score(qmodel, lowered=64)
-    report = qmodel.diffquant_report["finetune"]
+    report = {**stages[-1], "held_before": stages[0]["held_before"]}
     row = dict(
         model=model_name, setting=setting, n=n, before=before, after=after,
         held_before=report["held_before"], held_after=report["held_after"], iterations=report["iterations"],
@@ -120,6 +135,9 @@ def main() -> None:
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         threads=torch.get_num_threads(), cpu=cpu_model(), date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
+    if len(stages) > 1:
+        keep = ("iterations", "seconds", "held_before", "held_after", "best_step", "rollout")
+        row["stages"] = [{k: s.get(k) for k in keep} for s in stages]
     print(json.dumps(row), flush=True)
     with OUT.open("a") as f:
         f.write(json.dumps(row) + "\n")
