@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -309,14 +308,10 @@ def write_markdown(record: dict, path: Path) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-        isa = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-        return f"{name} ({', '.join(isa)})"
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    """The CPU model, its int8 ISA flags and family / model numbers (``diffquant.backends.cpu.host``)."""
+    from diffquant.backends.cpu import host
+
+    return host()["text"]
 
 
 def main() -> None:

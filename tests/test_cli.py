@@ -290,6 +290,9 @@ def test_bench_json_on_a_quantized_directory(tmp_path):
     for key in ("backend", "fp_ms", "q_ms", "speedup", "fp_weight_bytes", "q_weight_bytes", "threads"):
         assert key in data
     assert data["model"] == "fashion-dit" and data["recipe"] == "w8a7" and data["backend"] == "cpu"
+    from diffquant.backends.cpu import host
+
+    assert data["cpu"] == host()["text"] and "(" in data["cpu"]  # the model and its int8 ISA flags
     assert data["speedup"] == pytest.approx(data["fp_ms"] / data["q_ms"], rel=0.02)
     # the lowering report's own counts: layers on the int8 kernels, and the weight-only conditioning MLPs
     # (float activations: float matmuls on int8 storage) on the reference path, each with its reason

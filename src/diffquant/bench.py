@@ -138,11 +138,12 @@ def bench_forward(
             :func:`diffquant.integrations.folders.example_call`).
 
     Returns:
-        A dict with ``backend``, ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the
+        A dict with ``backend``, ``cpu`` (the CPU model, its int8 ISA flags and family / model numbers), ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the
         eager and compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the
         lowering report and ``sqnr_vs_reference_db`` (backend output against the fake-quant reference).
     """
     from diffquant.backends import lower
+    from diffquant.backends.cpu import host as cpu_host
     from diffquant.serialization import weight_bytes
 
     device = backend_device(backend)
@@ -158,6 +159,7 @@ def bench_forward(
         "recipe": quantized.diffquant_recipe.name,
         "backend": backend,
         "batch": batch,
+        "cpu": cpu_host()["text"],  # int8 speed depends on the ISA class (docs/backends.md)
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "fp_weight_bytes": weight_bytes(fp),

@@ -281,6 +281,34 @@ class Int8Linear(_Int8Layer):
     """A frozen :class:`QuantLinear` on oneDNN's int8 matmul."""
 
 
+INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")  # the flags that decide int8 speed (docs/backends.md)
+
+
+def host() -> dict:
+    """This CPU as benchmarks record it: ``model`` (its name), ``family`` / ``model_id`` (``/proc/cpuinfo``
+    numbers: AMD family 23 is Zen 2, 25 model 1 Zen 3, 25 model 17 Zen 4), ``isa`` (which of
+    :data:`INT8_FLAGS` it has) and ``text``, one line of all of it. Where ``/proc/cpuinfo`` is missing,
+    what :mod:`platform` says, and no flags."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().split("\n\n", 1)[0].splitlines()  # the first core's block
+    except OSError:
+        lines = []
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    flags = fields.get("flags", "").split()
+    out = {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "family": fields.get("cpu family"),
+        "model_id": fields.get("model"),
+        "isa": [f for f in INT8_FLAGS if f in flags],
+    }
+    numbers = f", family {out['family']} model {out['model_id']}" if out["family"] else ""
+    out["text"] = f"{out['model']} ({', '.join(out['isa'])}{numbers})"
+    return out
+
+
 def vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX)."""
     try:
