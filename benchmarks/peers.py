@@ -2,6 +2,7 @@
 
 Pins used (``bench`` extra; none of them pulls or upgrades torch, checked with ``pip install --dry-run``):
     torchao==0.18.0  optimum-quanto==0.2.7  onnxruntime==1.32.0  onnx==1.23.2  onnxscript==0.7.2
+    openvino==2026.4.1  nncf==3.4.0
 
     python benchmarks/peers.py                         # both models, N = 500, 2 threads (machine quiet)
     python benchmarks/peers.py --quick --threads 1     # fashion-unet, N = 64, DDIM-10, 3 repeats: a smoke run
@@ -28,9 +29,14 @@ Rows (a tool that fails to install, export, quantize or run gets a row with its 
     optimum-quanto W8A8            ``quantize(weights=qint8, activations=qint8)``, ``Calibration``, ``freeze``
     torchao int8 dyn act + weight  ``Int8DynamicActivationInt8WeightConfig`` (Linear layers only), eager
                                    and ``torch.compile``
-    diffquant w8a7                 ``diffquant.quantize(model, "w8a7")`` on the same calibration: the
-                                   fake-quant reference, and the CPU backend (``lower(.., "cpu")``) eager
-                                   and ``compile_forward``
+    OpenVINO FP32                  ``openvino.convert_model`` of the model, compiled for the CPU with the
+                                   f32 precision hint (OpenVINO's default is bf16 on AVX512-BF16 / AMX CPUs)
+    OpenVINO + NNCF int8           ``nncf.quantize`` (defaults) of the converted model on the same batches,
+                                   at OpenVINO's default precision and with the f32 hint
+    diffquant w8a8 / w8a7          ``diffquant.quantize(model, recipe)`` on the same calibration (w8a8 on
+                                   VNNI CPUs, w8a7 without: 8-bit codes saturate AVX2's int16 pair sums):
+                                   the fake-quant reference, and the CPU backend (``lower(.., "cpu")``)
+                                   eager and ``compile_forward``
 
 Weight bytes: the parameters (and for PT2E the graph's constants) as each tool stores them, quantization
 scales included, activation-observer state excluded; ONNX: the initializers; diffquant:
@@ -65,7 +71,7 @@ RESULTS = Path(__file__).parent / "results" / "peers"
 BATCH = 64
 CAL_SEED = 1234
 CAL_STEPS = 20
-TOOLS = ("fp32", "ort", "pt2e", "quanto", "torchao", "diffquant")
+TOOLS = ("fp32", "ort", "openvino", "pt2e", "quanto", "torchao", "diffquant")
 
 
 @dataclass
@@ -335,6 +341,57 @@ def _float_only_x86_quantizer():
     return FloatOnly()
 
 
+def openvino_fn(model, threads: int, precision: str | None):
+    """``fn(x, t, labels)`` of an OpenVINO model compiled for the CPU (``precision``: the inference
+    precision hint, ``None`` for OpenVINO's default: bf16 where the CPU has AVX512-BF16 or AMX)."""
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+    def fn(x, t, labels):
+        request.infer([x.contiguous().numpy(), t.contiguous().numpy(), labels.contiguous().numpy()])
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return fn
+
+
+def openvino_weight_bytes(model, workdir: str, name: str) -> int:
+    import openvino as ov
+
+    path = os.path.join(workdir, f"{name}.xml")
+    ov.save_model(model, path, compress_to_fp16=False)
+    return os.path.getsize(path[:-4] + ".bin")
+
+
+def tool_openvino(ctx: Context) -> list[Variant]:
+    """OpenVINO FP32 and OpenVINO + NNCF post-training int8 (``nncf.quantize`` on the converted model, the
+    calibration batches every tool gets; what optimum-intel's quantization runs for a denoiser)."""
+    import nncf
+    import openvino as ov
+
+    start = time.perf_counter()
+    model = ov.convert_model(Forward(copy.deepcopy(ctx.fp)).eval(), example_input=ctx.inputs)
+    threads = ctx.args.threads
+    rows = [Variant("OpenVINO", "FP32 (f32 precision hint)", openvino_fn(model, threads, "f32"),
+                    openvino_weight_bytes(model, ctx.workdir, "fp32"), "openvino.convert_model",
+                    time.perf_counter() - start)]  # fmt: skip
+    start = time.perf_counter()
+    dataset = nncf.Dataset(ctx.calibration, lambda b: [a.numpy() for a in b])
+    quantized = nncf.quantize(model, dataset, subset_size=len(ctx.calibration))
+    size = openvino_weight_bytes(quantized, ctx.workdir, "int8")
+    build = time.perf_counter() - start
+    notes = (f"nncf.quantize defaults (preset performance: symmetric per-tensor activations, per-channel s8 "
+             f"weights), {len(ctx.calibration)} calibration batches")  # fmt: skip
+    rows.append(Variant("OpenVINO + NNCF int8", "default precision", openvino_fn(quantized, threads, None),
+                        size, notes + "; float parts at OpenVINO's default precision", build))  # fmt: skip
+    rows.append(Variant("OpenVINO + NNCF int8", "f32 precision hint", openvino_fn(quantized, threads, "f32"),
+                        size, notes + "; float parts in f32", build))  # fmt: skip
+    return rows
+
+
 def tool_pt2e(ctx: Context) -> list[Variant]:
     import torch._inductor.config as inductor_config
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -410,9 +467,10 @@ def tool_diffquant(ctx: Context) -> list[Variant]:
     from diffquant.serialization import weight_bytes
 
     start = time.perf_counter()
-    quantized = quantize(copy.deepcopy(ctx.fp), "w8a7", diffquant_calibration(ctx.args), progress=False)
+    recipe = "w8a8" if vnni() else "w8a7"  # 8-bit codes saturate AVX2's int16 pair sums (docs/backends.md)
+    quantized = quantize(copy.deepcopy(ctx.fp), recipe, diffquant_calibration(ctx.args), progress=False)
     size = weight_bytes(quantized)
-    tool = "diffquant w8a7"
+    tool = f"diffquant {recipe}"
     rows = [Variant(tool, "reference (fake quant)", quantized, size, "same calibration trajectories as the peers",
                     time.perf_counter() - start)]  # fmt: skip
     start = time.perf_counter()
@@ -437,6 +495,7 @@ def tool_diffquant(ctx: Context) -> list[Variant]:
 BUILDERS = {
     "fp32": tool_fp32,
     "ort": tool_ort,
+    "openvino": tool_openvino,
     "pt2e": tool_pt2e,
     "quanto": tool_quanto,
     "torchao": tool_torchao,
@@ -445,10 +504,11 @@ BUILDERS = {
 TOOL_NAMES = {
     "fp32": "FP32",
     "ort": "ONNX Runtime",
+    "openvino": "OpenVINO",
     "pt2e": "PT2E X86InductorQuantizer",
     "quanto": "optimum-quanto W8A8",
     "torchao": "torchao int8 dyn act + int8 weight",
-    "diffquant": "diffquant w8a7",
+    "diffquant": "diffquant",
 }
 
 
@@ -546,7 +606,10 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "diffquant", "onnxruntime", "onnx", "onnxscript", "torchao", "optimum-quanto", "diffusers"):
+    for pkg in (
+        "torch", "diffquant", "onnxruntime", "onnx", "onnxscript", "openvino", "nncf", "torchao", "optimum-quanto",
+        "diffusers",
+    ):  # fmt: skip
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
