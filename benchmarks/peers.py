@@ -385,10 +385,15 @@ def tool_openvino(ctx: Context) -> list[Variant]:
     build = time.perf_counter() - start
     notes = (f"nncf.quantize defaults (preset performance: symmetric per-tensor activations, per-channel s8 "
              f"weights), {len(ctx.calibration)} calibration batches")  # fmt: skip
-    rows.append(Variant("OpenVINO + NNCF int8", "default precision", openvino_fn(quantized, threads, None),
-                        size, notes + "; float parts at OpenVINO's default precision", build))  # fmt: skip
-    rows.append(Variant("OpenVINO + NNCF int8", "f32 precision hint", openvino_fn(quantized, threads, "f32"),
-                        size, notes + "; float parts in f32", build))  # fmt: skip
+    for name, precision, where in (
+        ("default precision", None, "float parts at OpenVINO's default precision"),
+        ("f32 precision hint", "f32", "float parts in f32"),
+    ):  # each compiled on its own: the CPU plugin can refuse one (fashion-dit at bf16: "No suitable implementations")
+        try:
+            rows.append(Variant("OpenVINO + NNCF int8", name, openvino_fn(quantized, threads, precision), size,
+                                f"{notes}; {where}", build))  # fmt: skip
+        except Exception as e:
+            rows.append(Variant("OpenVINO + NNCF int8", name, notes=f"{notes}; {where}", error=_error(e)))
     return rows
 
 
@@ -518,7 +523,11 @@ TOOL_NAMES = {
 def _error(e: BaseException) -> str:
     last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}{where}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " / ".join(
+        lines[-2:] if lines and lines[0].startswith("Exception from") else lines[:1]
+    )  # OpenVINO: the cause last
+    return f"{type(e).__name__}: {text[:300]}{where}"
 
 
 def quality(ctx: Context, fn: Callable) -> dict:
@@ -630,7 +639,7 @@ def markdown(record: dict) -> str:
         *(["**Quick smoke run (small N, few steps and repeats): not a measurement.**", ""] if a["quick"] else []),
         f"Command: `{record['command']}`",
         "",
-        f"{record['machine']}; {record['threads']} thread(s); VNNI: {record['vnni']}. Versions: "
+        f"{record.get('cpu', record['machine'])}; {record['threads']} thread(s); VNNI: {record['vnni']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
         + ".",
         f"Latency: one batch-{BATCH} forward, median of {a['repeats']} after {a['warmup']} warm-up call(s). Quality: "
@@ -689,6 +698,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    from diffquant.backends.cpu import host as cpu_host
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffquant.eval import Evaluator
@@ -697,6 +708,7 @@ def main(argv=None) -> None:
     record = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu": cpu_host()["text"],
         "threads": args.threads,
         "vnni": vnni(),
         "versions": versions(),
