@@ -74,7 +74,10 @@ def stage_configs(config: FinetuneConfig, stages: list[str]) -> list[FinetuneCon
     """The configs of the chained stages after the first: each one the last with its changes."""
     out = [config]
     for stage in stages:
-        out.append(parse("w8a8+" + stage, base=out[-1])[1])
+        recipe, config = parse("w8a8+" + stage, base=out[-1])  # a later stage fine-tunes the same PTQ model
+        if recipe.name != "w8a8":
+            raise SystemExit(f"stage {stage!r} changes the recipe; only the first stage can")
+        out.append(config)
     return out
 
 

@@ -138,8 +138,9 @@ def bench_forward(
             :func:`diffquant.integrations.folders.example_call`).
 
     Returns:
-        A dict with ``backend``, ``cpu`` (the CPU model, its int8 ISA flags and family / model numbers), ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the
-        eager and compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the
+        A dict with ``backend``, ``cpu`` (the CPU model, its int8 ISA flags and family / model
+        numbers), ``fp_ms`` (FP32 eager), ``q_ms``, ``speedup`` (= fp_ms / q_ms), the eager and
+        compiled variants, ``fp_weight_bytes``, ``q_weight_bytes``, ``threads``, the
         lowering report and ``sqnr_vs_reference_db`` (backend output against the fake-quant reference).
     """
     from diffquant.backends import lower

@@ -44,6 +44,7 @@ speed of its fp32 ones (``benchmarks/cpu_kernels.md``): integer arithmetic there
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -284,6 +285,18 @@ class Int8Linear(_Int8Layer):
 INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")  # the flags that decide int8 speed (docs/backends.md)
 
 
+@functools.cache
+def _cpuinfo() -> tuple[dict, tuple[str, ...]]:
+    """The first core's ``/proc/cpuinfo`` fields and flags, read once (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().split("\n\n", 1)[0].splitlines()
+    except OSError:
+        lines = []
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return fields, tuple(fields.get("flags", "").split())
+
+
 def host() -> dict:
     """This CPU as benchmarks record it: ``model`` (its name), ``family`` / ``model_id`` (``/proc/cpuinfo``
     numbers: AMD family 23 is Zen 2, 25 model 1 Zen 3, 25 model 17 Zen 4), ``isa`` (which of
@@ -291,13 +304,7 @@ def host() -> dict:
     what :mod:`platform` says, and no flags."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().split("\n\n", 1)[0].splitlines()  # the first core's block
-    except OSError:
-        lines = []
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    flags = fields.get("flags", "").split()
+    fields, flags = _cpuinfo()
     out = {
         "model": fields.get("model name") or platform.processor() or platform.machine(),
         "family": fields.get("cpu family"),
@@ -311,12 +318,7 @@ def host() -> dict:
 
 def vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return any(f in _cpuinfo()[1] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def saturation_free(act_bits: int, weight_qmax: int) -> bool:
