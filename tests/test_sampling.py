@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffquant.sampling import SAMPLERS, SamplerConfig, balanced_labels, make_scheduler, sample
-from diffquant.timestep import current_step
+from diffquant.timestep import StepHook, current_step, denoising_step, step_tensor
 from tests.conftest import GaussianDenoiser
 
 
@@ -95,6 +95,31 @@ def test_sampler_sets_step_context_in_order(tiny_denoiser):
     assert all(s[1] == s[3] and s[2] == 5 for s in seen)
     assert seen[0][1] == 999  # trailing spacing starts from pure noise
     assert current_step() is None
+
+
+def test_step_tensor_follows_the_current_step(tiny_denoiser):
+    # what compiled graphs index their per-step tables with: it must be the step eager code sees
+    tensor = step_tensor("cpu")
+    seen = []
+    inner = tiny_denoiser.forward
+
+    def spy(x, t, y):
+        seen.append((current_step().timestep, int(tensor)))
+        return inner(x, t, y)
+
+    tiny_denoiser.forward = spy
+    sample(tiny_denoiser, n=1, steps=4, progress=False)
+    assert len(seen) == 4 and all(a == b for a, b in seen), seen
+    with denoising_step(0, 700, 2):
+        with denoising_step(1, 30, 2):
+            assert int(tensor) == 30
+        assert int(tensor) == 700  # back to the enclosing step
+    hook = StepHook(tiny_denoiser, lambda args, kwargs: args[1])  # no sampler: the model's own t
+    seen.clear()
+    x = torch.randn(2, *tiny_denoiser.sample_shape)
+    tiny_denoiser(x, torch.full((2,), 123), torch.zeros(2, dtype=torch.long))
+    hook.remove()
+    assert seen == [(123, 123)]
 
 
 def test_labels_validated(tiny_denoiser):

@@ -3,6 +3,9 @@
 Quantized modules with per-step state (scale tables, TDQ) read :func:`current_step`; the
 sampler enters :func:`denoising_step` around each model call. Nothing counts calls, and the
 context is empty outside a sampler step, so state cannot leak from one generation to the next.
+
+Compiled graphs cannot read a Python context: they index their per-step tables with
+:func:`step_tensor`, the same step as a tensor, written whenever a step becomes current.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,45 @@ class StepInfo:
 
 
 _CURRENT: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar("diffquant_step", default=None)
+
+# The current step as one ``(1,)`` long tensor per device, for compiled graphs. A module-level tensor
+# is lifted by Dynamo as a graph input, so neither the graph nor Inductor's freezing treats it as a
+# constant (a tensor attribute of a module was folded into the first step's value), and it is
+# written in place, once per model call, by whatever makes a step current: a per-layer opaque
+# lookup op instead cost 6 % of a compiled fashion-unet call (63 lookups, ``benchmarks/tdq_overhead.py``).
+# One set for the process: compiled models on different threads at different steps at once would
+# race (eager code reads the step of its own context).
+_STEP_TENSORS: dict[str, torch.Tensor] = {}
+
+
+def step_tensor(device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(1,)`` long on ``device``: the time step of the last :func:`denoising_step` / model call that set one.
+
+    Create it eagerly (before tracing) for every device a compiled graph will read it on; it is
+    ``-1``, an index error rather than another step's value, until a step is set.
+    """
+    key = str(torch.device(device))
+    if key not in _STEP_TENSORS:
+        _STEP_TENSORS[key] = torch.full((1,), -1, dtype=torch.long, device=device)
+    return _STEP_TENSORS[key]
+
+
+@torch.compiler.disable  # eager even inside a compiled caller: graphs only read the tensors
+def _write_step_tensors(info: StepInfo | None) -> None:
+    if info is not None:
+        for tensor in _STEP_TENSORS.values():
+            tensor.fill_(info.timestep)
+
+
+def _enter(info: StepInfo) -> contextvars.Token:
+    token = _CURRENT.set(info)
+    _write_step_tensors(info)
+    return token
+
+
+def _leave(token: contextvars.Token) -> None:
+    _CURRENT.reset(token)
+    _write_step_tensors(_CURRENT.get())  # back to an enclosing step, if any
 
 
 def current_step() -> StepInfo | None:
@@ -49,11 +93,11 @@ def require_step(who: str) -> StepInfo:
 @contextlib.contextmanager
 def denoising_step(index: int, timestep: int, num_steps: int):
     """Context manager that makes ``StepInfo(index, timestep, num_steps)`` current."""
-    token = _CURRENT.set(StepInfo(int(index), int(timestep), int(num_steps)))
+    token = _enter(StepInfo(int(index), int(timestep), int(num_steps)))
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        _leave(token)
 
 
 class StepHook:
@@ -85,12 +129,12 @@ class StepHook:
                 "different time steps (sample them in separate calls)"
             )
         scale = getattr(module, "diffquant_timestep_scale", 1.0)
-        self.tokens.append(_CURRENT.set(StepInfo(-1, round(float(flat[0]) * scale), -1)))
+        self.tokens.append(_enter(StepInfo(-1, round(float(flat[0]) * scale), -1)))
 
     def post(self, module, args, kwargs, output):
         token = self.tokens.pop() if self.tokens else None
         if token is not None:
-            _CURRENT.reset(token)
+            _leave(token)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -72,7 +72,8 @@ def test_step_k_uses_table_entry_k():
     iq = ref_layer.input_quantizer
     iq.scale.copy_(torch.tensor([0.5, 0.05, 0.005]))
     iq.zero_point.fill_(32)
-    low_layer.inputs[0].lookup.param_list[:] = [[0.5, 32.0], [0.05, 32.0], [0.005, 32.0]]
+    for b, s in enumerate([0.5, 0.05, 0.005]):
+        low_layer.inputs[0].lookup.set_params(b, s, 32.0)
     x = torch.randn(4, ref_layer.in_features)
     outs = {}
     for t in range(0, 1000, 97):
@@ -168,7 +169,8 @@ def test_compiled_lowered_model_is_one_graph_for_every_step(kind, freezing):
     assert report.step_quantizers  # the attention operands: float, their lookup behind an opaque op
     for name in report.step_quantizers:  # make step 10's entries far from the others: a folded lookup shows
         sq = lowered.get_submodule(name)
-        sq.param_list[sq.bucket_list[10]][0] *= 4
+        b = sq.bucket_list[10]
+        sq.set_params(b, 4 * sq.param_list[b][0], sq.param_list[b][1])
     torch._dynamo.reset()
     compiled = torch.compile(lowered.forward, fullgraph=True, dynamic=False)  # fullgraph: a break is an error
     x, _, y = inputs(q)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -14,14 +13,14 @@ from torch import nn
 from diffquant import primitives as P
 from diffquant.nn.modules import QuantConv2d, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
-from diffquant.timestep import require_step
+from diffquant.timestep import require_step, step_tensor
 
 
 class LoweringError(ValueError):
     """A model cannot be lowered (e.g. it has no frozen quantized layers)."""
 
 
-HANDLES = itertools.count()  # integer handles of lowered layers and step lookups (custom-op arguments)
+HANDLES = itertools.count()  # integer handles of lowered layers (custom-op arguments)
 
 
 def integer_obstacle(
@@ -67,33 +66,15 @@ def integer_obstacle(
     return None
 
 
-_QUANTIZERS: weakref.WeakValueDictionary[int, StepQuantizer] = weakref.WeakValueDictionary()
-
-
-# Tagged nondeterministic: its result depends on the current step, not on its inputs alone, which are
-# all constants of a compiled graph. Without the tag Inductor's freezing (``freezing = True``, what
-# ``diffquant.bench.compile_forward`` turns on) constant-folded it at compile time, and every step ran
-# on the first step's scales (a TDQ DiT's compiled output at step 2 of 3: 43.6 dB against eager, 136
-# dB with the tag).
-@torch.library.custom_op("diffquant::step_qparams", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def step_qparams(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
-    """``[scale, zero_point]`` of quantizer ``handle`` at the current step (float32, on ``device_ref``'s device)."""
-    return torch.tensor(_QUANTIZERS[handle].current(), dtype=torch.float32, device=device_ref.device)
-
-
-@step_qparams.register_fake
-def _(device_ref: torch.Tensor, handle: int) -> torch.Tensor:
-    return device_ref.new_empty(2, dtype=torch.float32)
-
-
 class StepQuantizer(nn.Module):
     """A per-step (bucketed / TDQ) activation quantizer left in float, compile-friendly.
 
     Its table lookup reads the current step in Python; traced by ``torch.compile`` that lookup would
-    specialise the graph on every step (and fail on the tensor index). Here only the lookup is an
-    opaque operator returning ``[scale, zero_point]``; the fake quant itself stays in the graph, where
-    Inductor fuses it with its neighbours, and one compiled graph serves all steps. Used for the
-    attention-matmul operands and the inputs of layers that stay on the reference path.
+    specialise the graph on every step (and fail on the tensor index). Traced, it indexes ``table``
+    (``(T, 2)``: ``[scale, zero_point]`` of every time step) with
+    :func:`~diffquant.timestep.step_tensor` instead, an indirect load Inductor fuses into the fake
+    quant, and one compiled graph serves all steps.
+    Used for the attention-matmul operands and the inputs of layers that stay on the reference path.
     """
 
     def __init__(self, quantizer: ActQuantizer):
@@ -103,18 +84,28 @@ class StepQuantizer(nn.Module):
         self.bucket_list = quantizer.step_table().tolist()
         scales, zero_points = quantizer.scale.tolist(), quantizer.zero_point.tolist()
         self.param_list = [[float(s), float(z)] for s, z in zip(scales, zero_points, strict=True)]
-        self.handle = next(HANDLES)
-        _QUANTIZERS[self.handle] = self
-        # the lookup's only tensor argument, for the device: not the activation, so that Inductor
-        # can still fuse the fake quant into the op producing it
-        self.register_buffer("device_ref", torch.zeros(0, device=quantizer.scale.device), persistent=False)
+        table = torch.tensor([self.param_list[b] for b in self.bucket_list], dtype=torch.float32)
+        self.register_buffer("table", table.to(quantizer.scale.device), persistent=False)
+        step_tensor(self.table.device)  # created now, eagerly: traced code only reads it
+
+    def set_params(self, bucket: int, scale: float, zero_point: float) -> None:
+        """Replace bucket ``bucket``'s ``[scale, zero_point]`` (the list eager calls read and the table)."""
+        self.param_list[bucket] = [float(scale), float(zero_point)]
+        rows = [t for t, b in enumerate(self.bucket_list) if b == bucket]
+        self.table[rows] = torch.tensor([float(scale), float(zero_point)], device=self.table.device)
 
     def current(self) -> list[float]:
         """``[scale, zero_point]`` at the current step, as Python numbers (no tensor, no op)."""
         return self.param_list[self.bucket_list[require_step(self.name).timestep]]
 
+    def params(self) -> torch.Tensor:
+        """``[scale, zero_point]`` at the current step (float32): traced, the table row at the step tensor."""
+        if torch.compiler.is_compiling():
+            return self.table.index_select(0, step_tensor(self.table.device))[0]
+        return torch.tensor(self.current(), dtype=torch.float32, device=self.table.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.ops.diffquant.step_qparams(self.device_ref, self.handle).to(x.dtype)
+        p = self.params().to(x.dtype)
         return P.fake_quant(x, self.qtype, p[0], p[1], self.symmetric)
 
 
@@ -122,10 +113,11 @@ class ActParams(nn.Module):
     """The ``(scale, zero point)`` of one lowered input as graph tensors, for the quantize step.
 
     Static scales are float32 buffers (as the reference quantizer holds them, so ``x * (1 / s)``
-    rounds identically); per-step ones (bucketed, TDQ table) come from the opaque lookup of a
-    :class:`StepQuantizer`; dynamic ones are computed from the input. None of them reads the step in
-    traced code, so a compiled graph serves every step, and the quantize step that uses them stays in
-    the graph, where Inductor fuses it into the op that produces the activation.
+    rounds identically); per-step ones (bucketed, TDQ table) from the table of a
+    :class:`StepQuantizer`, indexed in traced code by the step tensor, a graph input; dynamic ones are
+    computed from the input. No traced code reads the step as a Python number, so a compiled graph
+    serves every step, and the quantize step that uses them stays in the graph, where Inductor fuses
+    it into the op that produces the activation.
     """
 
     def __init__(self, q: ActQuantizer):
@@ -148,14 +140,14 @@ class ActParams(nn.Module):
             lo, hi = P.dynamic_range(x, self.granularity, self.channel_dim)
             return P.scale_from_range(lo, hi, self.qtype, self.symmetric)
         if self.lookup is not None:
-            p = torch.ops.diffquant.step_qparams(self.lookup.device_ref, self.lookup.handle)
+            p = self.lookup.params()
             return p[0], p[1]
         return self.static_scale, self.static_zp
 
     def params_eager(self, x: torch.Tensor) -> tuple[float, float]:
         """The same ``(scale, zero point)`` as Python numbers, for eager hot paths: a per-step lookup
-        is a list index here, not a call of the opaque operator (an eager custom-op call costs about
-        as much as a small layer's quantize step; with it eager TDQ was measurably slower than static)."""
+        is a list index here, not a tensor (an eager tensor op costs about as much as a small layer's
+        quantize step; with one eager TDQ was measurably slower than static)."""
         if self.lookup is not None:
             s, z = self.lookup.current()
             return s, z

@@ -24,8 +24,8 @@ one 1x1 int8 convolution per kernel tap (each on the shifted, strided input code
 result scaled by its own input pixels' scales: exact, ``kh * kw`` kernel calls instead of one.
 
 Each layer quantizes its input to uint8 codes with the ``[scale, zero point]`` of
-:class:`~diffquant.backends.common.ActParams` (a buffer, the opaque per-step lookup
-``diffquant::step_qparams``, or the input's own range) and runs ``onednn::qconv2d_pointwise`` /
+:class:`~diffquant.backends.common.ActParams` (a buffer, the row of a per-step table at the current
+step, or the input's own range) and runs ``onednn::qconv2d_pointwise`` /
 ``onednn::qlinear_pointwise`` (float32 output, bias added) once per input part. Compiled, the quantize
 step is plain element-wise ops (``round(x / s) + z``, clamped, as uint8) and each GEMM one opaque
 operator, ``diffquant::int8_gemm``: one graph serves every step, and Inductor fuses the quantize step

@@ -17,9 +17,10 @@ that these GEMMs can run exactly for a :class:`GemmLinear` / :class:`GemmConv2d`
 * Convolutions run as a GEMM over ``unfold``-ed input codes (im2col); the zero padding of the
   convolution becomes the zero point, so padded positions are exact too.
 
-The per-step scale of a ``bucketed`` / ``tdq`` quantizer comes from the opaque lookup
-``diffquant::step_qparams`` (shared with the CPU backend), so under ``torch.compile`` one graph
-serves every step and the quantize step fuses into the op that produces the activation.
+The per-step scale of a ``bucketed`` / ``tdq`` quantizer comes from its ``(T, 2)`` table indexed by
+the current step as a tensor (:func:`~diffquant.timestep.step_tensor`, shared with the CPU
+backend), so under ``torch.compile`` one graph serves every
+step and the quantize step fuses into the op that produces the activation.
 
 Everything here also runs on the CPU (``_int_mm`` and ``_scaled_mm`` have slow CPU kernels), which
 is how the test suite checks the numerics against the reference path on machines without a GPU;
@@ -37,7 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant import primitives as P
-from diffquant.backends.common import ActParams, LoweringError, LoweringReport, StepQuantizer, integer_obstacle
+from diffquant.backends.common import (
+    ActParams,
+    LoweringError,
+    LoweringReport,
+    StepQuantizer,
+    integer_obstacle,
+)
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 
