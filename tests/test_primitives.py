@@ -286,3 +286,16 @@ def test_group_fake_quant_is_per_token_fake_quant_of_each_group(channels):
         P.dynamic_fake_quant(lin[..., g : g + 16], get_qtype("int4"), "token", True, -1) for g in range(0, channels, 16)
     ], -1)  # fmt: skip
     assert torch.equal(P.dynamic_fake_quant(lin, get_qtype("int4"), "group", True, -1, 16), ref)
+
+
+@pytest.mark.parametrize("channels", [4, 6, 16, 64, 66, 7])  # short rows take a halving first; 66 and 7 do not
+def test_per_token_range_is_the_plain_min_and_max(channels):
+    from diffquant import primitives as P
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, channels) * torch.logspace(-2, 1, channels)
+    for t in (x, x.transpose(0, 1)):  # strided too
+        lo, hi = P.dynamic_range(t, "token", -1)
+        assert torch.equal(lo, t.amin(-1, keepdim=True)) and torch.equal(hi, t.amax(-1, keepdim=True))
+    lo, hi = P.dynamic_range(x.transpose(1, 2), "token", 1)  # not the last dim: the plain reduction
+    assert torch.equal(lo, x.transpose(1, 2).amin(1, keepdim=True))

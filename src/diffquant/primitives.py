@@ -158,7 +158,15 @@ def dynamic_range(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> t
     if granularity == "tensor":
         return x.detach().amin(), x.detach().amax()
     if granularity == "token":
-        return x.detach().amin(channel_dim, keepdim=True), x.detach().amax(channel_dim, keepdim=True)
+        x = x.detach()
+        n = x.shape[channel_dim]
+        if channel_dim % x.dim() == x.dim() - 1 and 4 <= n <= 64 and n % 2 == 0:
+            # a short contiguous row (an activation group): PyTorch's inner reductions over a few
+            # elements are slow; one element-wise halving first makes them 1.6-1.8x faster (exact:
+            # min and max only pick values; benchmarks/probes/short_row_minmax.py)
+            lo, hi = x[..., : n // 2], x[..., n // 2 :]
+            return torch.minimum(lo, hi).amin(-1, keepdim=True), torch.maximum(lo, hi).amax(-1, keepdim=True)
+        return x.amin(channel_dim, keepdim=True), x.amax(channel_dim, keepdim=True)
     raise ValueError(f"granularity must be 'tensor' or 'token', got {granularity!r}")
 
 
