@@ -1,7 +1,8 @@
-"""A Stable-Diffusion-1.5-shaped UNet on the CPU: FP32 eager vs diffquant's int8 backend vs PyTorch PT2E.
+"""A Stable-Diffusion-1.5-shaped UNet on the CPU: FP32 eager vs diffquant's int8 backend vs PyTorch PT2E
+and OpenVINO + NNCF.
 
-    python benchmarks/sd_unet_cpu.py                  # 2 threads, w8a7-tdq, PT2E peer (machine quiet)
-    python benchmarks/sd_unet_cpu.py --no-pt2e --repeats 3
+    python benchmarks/sd_unet_cpu.py                  # 2 threads, w8a7-tdq, the peers (machine quiet)
+    python benchmarks/sd_unet_cpu.py --no-pt2e --no-openvino --repeats 3
 
 One denoiser call of a ``UNet2DConditionModel`` with SD-1.5's configuration and random weights (seed 0),
 batch 1, 64x64 latents, 77x768 text states, timed side by side in one process (median of
@@ -12,6 +13,10 @@ batch 1, 64x64 latents, 77x768 text states, timed side by side in one process (m
     diffquant cpu, eager         ``diffquant.quantize`` (per-step TDQ scales calibrated on 4 time steps of
     diffquant cpu, compiled      random latents, fitted for ``--tdq-iters``), then ``backends.lower(.., "cpu")``
     PT2E X86InductorQuantizer    torchao's static int8 flow (one scale for all steps), torch.compile
+    OpenVINO FP32                ``openvino.convert_model``, compiled for the CPU with the f32 precision hint
+    OpenVINO + NNCF int8         ``nncf.quantize`` (defaults) of that model on the calibration calls, at
+                                 OpenVINO's default precision (bf16 where the CPU has it) and at f32
+                                 (the ``bench`` extra: openvino, nncf)
 
 Attention matmuls stay float in the quantized models (``attention=False``): the CPU backend has no int8
 attention kernel, and PT2E's x86 recipe does not quantize them either. Calibration content does not
@@ -42,10 +47,15 @@ from diffquant.timestep import denoising_step
 CAL_STEPS = (999, 700, 400, 100)
 
 
-def sd15_unet() -> torch.nn.Module:
+def sd15_unet(tiny: bool = False) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    if tiny:  # a smoke test of the script: SD-1.5's block types at a fraction of the width
+        return UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768, block_out_channels=(32, 64, 64, 64), attention_head_dim=4,
+            norm_num_groups=16, layers_per_block=1,
+        ).eval()  # fmt: skip
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
 
 
@@ -95,6 +105,47 @@ def pt2e_model(fp, args):
     return torch.compile(converted)
 
 
+def openvino_rows(fp, row, fp_out, rows, threads: int) -> None:
+    """OpenVINO FP32 and OpenVINO + NNCF int8 rows (as in benchmarks/peers.py), each compiled on its own."""
+    import nncf
+    import openvino as ov
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peers import openvino_fn
+
+    class Forward(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, t, ehs):
+            return self.m(x, t, ehs).sample
+
+    start = time.perf_counter()
+    model = ov.convert_model(Forward(fp).eval(), example_input=inputs())
+    convert_s = time.perf_counter() - start
+    x, t, ehs = inputs()
+    fn = openvino_fn(model, threads, "f32")
+    row("OpenVINO FP32 (f32 hint)", lambda: fn(x, t, ehs), fp_out, f"convert_model {convert_s:.0f} s")
+    fn = None
+    calibration = [inputs(seed=100 + i) for i in range(len(CAL_STEPS))]
+    calibration = [(cx, torch.tensor([t_]), ce) for (cx, _, ce), t_ in zip(calibration, CAL_STEPS, strict=True)]
+    start = time.perf_counter()
+    dataset = nncf.Dataset(calibration, lambda b: [a.numpy() for a in b])
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    note = f"nncf.quantize defaults, {len(calibration)} calibration calls, {time.perf_counter() - start:.0f} s"
+    model = None
+    gc.collect()
+    for name, precision in (("default precision", None), ("f32 hint", "f32")):
+        try:
+            fn = openvino_fn(quantized, threads, precision)
+            row(f"OpenVINO + NNCF int8 ({name})", lambda fn=fn: fn(x, t, ehs), fp_out, f"{note}; vs FP32 output")
+        except Exception as e:  # the CPU plugin can refuse one precision (the int8 DiT at bf16)
+            rows.append({"variant": f"OpenVINO + NNCF int8 ({name})", "error": f"{type(e).__name__}: {e}"[:300]})
+        fn = None
+        gc.collect()
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +154,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="w8a7-tdq")
     ap.add_argument("--tdq-iters", type=int, default=100)
     ap.add_argument("--no-pt2e", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a narrow UNet of the same blocks: a quick check of the script")
     ap.add_argument("--out", default="benchmarks/results/sd_unet_cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +174,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         return out
 
-    fp = sd15_unet()
+    fp = sd15_unet(args.tiny)
     info["fp_weight_bytes"] = weight_bytes(fp)
     fp_out = row("FP32 eager", lambda: fp(x, t, ehs)).sample
     fp_c = compile_forward(copy.deepcopy(fp))
@@ -154,11 +207,19 @@ def main() -> None:
             row("PT2E X86InductorQuantizer, torch.compile", lambda: pt(x, t, ehs), fp_out, "vs FP32 output")
         except Exception as e:  # a peer that fails gets a row, not a crash
             rows.append({"variant": "PT2E X86InductorQuantizer", "error": f"{type(e).__name__}: {e}"[:300]})
+        pt = None
+        gc.collect()
+    if not args.no_openvino:
+        try:
+            openvino_rows(fp, row, fp_out, rows, args.threads)
+        except Exception as e:
+            rows.append({"variant": "OpenVINO", "error": f"{type(e).__name__}: {e}"[:300]})
 
-    base = rows[0]["ms"]
+    base, compiled = rows[0]["ms"], rows[1]["ms"]
     for r in rows:
         if "ms" in r:
             r["speedup_vs_fp32_eager"] = round(base / r["ms"], 3)
+            r["speedup_vs_fp32_compiled"] = round(compiled / r["ms"], 3)
     info.update(
         command="python " + " ".join(sys.argv), torch=torch.__version__, threads=args.threads,
         machine=platform.processor() or platform.machine(), cpu=cpu_host()["text"], repeats=args.repeats,
@@ -174,15 +235,16 @@ def main() -> None:
         f"Weights: FP32 {info['fp_weight_bytes'] / 1e6:.0f} MB, diffquant int8 {info['q_weight_bytes'] / 1e6:.0f} MB.",
         f"Lowering: {info['lowering']}".replace("\n", "; "),
         "",
-        "| variant | ms | vs FP32 eager | first call (s) | SQNR (dB) | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| variant | ms | vs FP32 compiled | vs FP32 eager | first call (s) | SQNR (dB) | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | error | | | | {r['error']} |")
+            lines.append(f"| {r['variant']} | error | | | | | {r['error']} |")
         else:
             lines.append(
-                f"| {r['variant']} | {r['ms']} | {r['speedup_vs_fp32_eager']}x | {r['first_call_s']} | "
+                f"| {r['variant']} | {r['ms']} | {r['speedup_vs_fp32_compiled']}x | {r['speedup_vs_fp32_eager']}x | "
+                f"{r['first_call_s']} | "
                 f"{r.get('sqnr_db', '')} | {r['note']} |"
             )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
