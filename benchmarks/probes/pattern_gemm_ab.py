@@ -20,6 +20,10 @@ from diffquant.bench import BENCH_CALIBRATION, compile_forward, example_inputs, 
 from diffquant.models import load_builtin
 
 
+def call(model, x, y):
+    return lambda r: model(x, torch.full((x.shape[0],), 999 - 37 * r % 1000), y)
+
+
 @torch.no_grad()
 def main() -> None:
     name, recipe = sys.argv[1], sys.argv[2]
@@ -40,7 +44,7 @@ def main() -> None:
         "pattern": compile_forward(pattern),
     }
     print({k: round(sqnr_db(eager, m(x, t, y)), 1) for k, m in models.items() if k != "fp32"})
-    calls = {k: (lambda m: lambda r: m(x, torch.full((64,), 999 - 37 * r % 1000), y))(m) for k, m in models.items()}
+    calls = {k: call(m, x, y) for k, m in models.items()}
     ms = interleaved_ms(calls, 11, warmup=2)
     print({k: round(v, 2) for k, v in ms.items()}, {k: round(ms["fp32"] / v, 3) for k, v in ms.items()})
 
