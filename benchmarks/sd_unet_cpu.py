@@ -64,12 +64,27 @@ def inputs(seed: int = 0):
     return torch.randn(1, 4, 64, 64, generator=g), torch.tensor([500]), torch.randn(1, 77, 768, generator=g)
 
 
+def calibration_calls() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x, t, ehs)`` of every calibration call: one random latent per time step in CAL_STEPS."""
+    return [(inputs(seed=100 + i)[0], torch.tensor([t]), inputs(seed=100 + i)[2]) for i, t in enumerate(CAL_STEPS)]
+
+
 def runner(model):
-    """Calibration (``quantize`` records the calls): one random latent per time step in CAL_STEPS."""
-    for i, t in enumerate(CAL_STEPS):
-        x, _, ehs = inputs(seed=100 + i)
-        with denoising_step(i, t, len(CAL_STEPS)):
-            model(x, torch.tensor([t]), ehs)
+    """Calibration for ``quantize`` (it records the calls), each call at its own step."""
+    for i, (x, t, ehs) in enumerate(calibration_calls()):
+        with denoising_step(i, int(t), len(CAL_STEPS)):
+            model(x, t, ehs)
+
+
+class Sample(torch.nn.Module):
+    """The UNet returning its ``.sample`` tensor, what export and OpenVINO's converter take."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, t, ehs):
+        return self.m(x, t, ehs).sample
 
 
 def pt2e_model(fp, args):
@@ -84,21 +99,12 @@ def pt2e_model(fp, args):
 
     from diffquant.backends.cpu import vnni
 
-    class Forward(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, t, ehs):
-            return self.m(x, t, ehs).sample
-
-    exported = torch.export.export(Forward(fp), inputs()).module()
+    exported = torch.export.export(Sample(fp), inputs()).module()
     quantizer = _float_only_x86_quantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=not vnni()))
     prepared = prepare_pt2e(exported, quantizer)
-    for i, t in enumerate(CAL_STEPS):
-        x, _, ehs = inputs(seed=100 + i)
-        prepared(x, torch.tensor([t]), ehs)
+    for call in calibration_calls():
+        prepared(*call)
     converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
     inductor_config.freezing = True
@@ -113,23 +119,14 @@ def openvino_rows(fp, row, fp_out, rows, threads: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from peers import openvino_fn
 
-    class Forward(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, t, ehs):
-            return self.m(x, t, ehs).sample
-
     start = time.perf_counter()
-    model = ov.convert_model(Forward(fp).eval(), example_input=inputs())
+    model = ov.convert_model(Sample(fp).eval(), example_input=inputs())
     convert_s = time.perf_counter() - start
     x, t, ehs = inputs()
     fn = openvino_fn(model, threads, "f32")
     row("OpenVINO FP32 (f32 hint)", lambda: fn(x, t, ehs), fp_out, f"convert_model {convert_s:.0f} s")
     fn = None
-    calibration = [inputs(seed=100 + i) for i in range(len(CAL_STEPS))]
-    calibration = [(cx, torch.tensor([t_]), ce) for (cx, _, ce), t_ in zip(calibration, CAL_STEPS, strict=True)]
+    calibration = calibration_calls()
     start = time.perf_counter()
     dataset = nncf.Dataset(calibration, lambda b: [a.numpy() for a in b])
     quantized = nncf.quantize(model, dataset, subset_size=len(calibration))

@@ -99,10 +99,11 @@ class StepQuantizer(nn.Module):
         return self.param_list[self.bucket_list[require_step(self.name).timestep]]
 
     def params(self) -> torch.Tensor:
-        """``[scale, zero_point]`` at the current step (float32): traced, the table row at the step tensor."""
+        """``[scale, zero_point]`` at the current step (float32), the table's row: traced, indexed by the
+        step tensor; eager, by the step itself (a view, no copy to the table's device)."""
         if torch.compiler.is_compiling():
             return self.table.index_select(0, step_tensor(self.table.device))[0]
-        return torch.tensor(self.current(), dtype=torch.float32, device=self.table.device)
+        return self.table[require_step(self.name).timestep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params().to(x.dtype)

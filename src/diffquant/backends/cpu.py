@@ -264,8 +264,6 @@ class _Int8Layer(nn.Module):
         self.handle = next(HANDLES)
         _LAYERS[self.handle] = kernel
         self.source = source
-        # the int8 weight of each per-tensor part, for the compiled graph's quantize / dequantize pattern
-        # (None: a per-token part, or no pattern path); persistent=False: the lowered model is not saved
         # Inductor matches convolutions only with constant activation scales: a per-step or dynamic
         # scale (a tensor) left the pattern as dequantize + float convolution (fashion-unet w8a8-tdq
         # compiled 301 ms against 181 ms with the opaque op); Linear layers match with either. And the
@@ -278,7 +276,9 @@ class _Int8Layer(nn.Module):
             and all(inp.grid == (0, 255) for inp in inputs)
             and (kernel.kind == "linear" or all(inp.static_numbers is not None for inp in inputs))
         )
-        for i, w in enumerate(weights or []):
+        # the pattern's int8 weights (beside the prepacked ones eager calls use), only where it runs;
+        # persistent=False: a lowered model is not saved
+        for i, w in enumerate(weights if self.pattern else []):
             self.register_buffer(f"wq{i}", w, persistent=False)
         self.register_buffer("w_zp", kernel.weight_zp if self.pattern else None, persistent=False)
 
@@ -288,8 +288,7 @@ class _Int8Layer(nn.Module):
         neighbours into the GEMM as post-ops (a GELU, a residual add) or the next layer's quantize step
         into the GEMM's output (int8 between layers); the integers are the ones :meth:`_Input.quantize` gives."""
         qd = torch.ops.quantized_decomposed
-        part = inp.grouped(part)
-        lo, hi = inp.grid
+        lo, hi = inp.grid  # per-group inputs are per-token codes: never here
         if inp.static_numbers is not None:  # static: Python numbers, PT2E's static pattern (a frozen 0-d
             s, z = inp.static_numbers  # tensor there trips Inductor's qlinear lowering)
             z = round(z) + inp.shift
@@ -315,22 +314,18 @@ class _Int8Layer(nn.Module):
         if self.smooth is not None:
             x = x / (self.smooth.view(-1, 1, 1) if conv else self.smooth)
         lead = x.shape[:-1]
-        dim = 1 if conv else -1
-        if self.pattern and torch.compiler.is_compiling() and _inductor_freezing():
-            # Inductor's own int8 GEMMs, on the input's own shape (a reshape between a GEMM and the op
-            # after it keeps Inductor from fusing that op into the GEMM)
-            y = None
-            for i, (inp, (_, channels)) in enumerate(zip(self.inputs, self.kernel.parts, strict=True)):
-                part = x if len(self.inputs) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
-                out = self._pattern_gemm(part, inp, i)
-                y = out if y is None else y + out
-            return y
-        if not conv:
+        # Inductor's own int8 GEMMs, on the input's own shape (a reshape between a GEMM and the op after
+        # it keeps Inductor from fusing that op into the GEMM)
+        pattern = self.pattern and torch.compiler.is_compiling() and _inductor_freezing()
+        if not conv and not pattern:
             x = x.reshape(-1, x.shape[-1])
+        dim = 1 if conv else -1
         y = None
         for i, (inp, (_, channels)) in enumerate(zip(self.inputs, self.kernel.parts, strict=True)):
             part = x if len(self.inputs) == 1 else x.narrow(dim, channels.start, channels.stop - channels.start)
-            if inp.per_token:  # element-wise codes (no per-token quantize_per_tensor), scales per row / pixel
+            if pattern:
+                out = self._pattern_gemm(part, inp, i)
+            elif inp.per_token:  # element-wise codes (no per-token quantize_per_tensor), scales per row / pixel
                 codes, scale, zp = inp.quantize(part)
                 if torch.compiler.is_compiling():
                     out = torch.ops.diffquant.int8_gemm_tokens(codes, scale, zp, self.handle, i)
@@ -343,7 +338,7 @@ class _Int8Layer(nn.Module):
             else:
                 out = self.kernel.gemm(*inp.quantize_eager(part), i)
             y = out if y is None else y + out
-        return y if conv else y.reshape(*lead, self.kernel.out_features)
+        return y if conv or pattern else y.reshape(*lead, self.kernel.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.source}, handle={self.handle}"
