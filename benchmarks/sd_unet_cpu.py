@@ -12,14 +12,16 @@ batch 1, 64x64 latents, 77x768 text states, timed side by side in one process (m
     FP32 torch.compile           Inductor with freezing
     diffquant cpu, eager         ``diffquant.quantize`` (per-step TDQ scales calibrated on 4 time steps of
     diffquant cpu, compiled      random latents, fitted for ``--tdq-iters``), then ``backends.lower(.., "cpu")``
+    ..., attention bf16          the same, lowered with ``attention="bfloat16"`` (the float attention as
+                                 bfloat16 SDPA; by default where the CPU has bf16 instructions)
     PT2E X86InductorQuantizer    torchao's static int8 flow (one scale for all steps), torch.compile
     OpenVINO FP32                ``openvino.convert_model``, compiled for the CPU with the f32 precision hint
     OpenVINO + NNCF int8         ``nncf.quantize`` (defaults) of that model on the calibration calls, at
                                  OpenVINO's default precision (bf16 where the CPU has it) and at f32
                                  (the ``bench`` extra: openvino, nncf)
 
-Attention matmuls stay float in the quantized models (``attention=False``): the CPU backend has no int8
-attention kernel, and PT2E's x86 recipe does not quantize them either. Calibration content does not
+Attention matmuls are not quantized (``attention=False``): the CPU backend has no int8 attention kernel,
+and PT2E's x86 recipe does not quantize them either; they run in float32, or bfloat16 in the bf16 row. Calibration content does not
 change speed; the SQNR column compares each quantized model with its own fake-quant reference (diffquant)
 or the FP32 model (PT2E), to show the integers are what was asked for.
 """
@@ -39,6 +41,7 @@ import torch
 
 from diffquant import get_recipe, quantize
 from diffquant.backends import lower
+from diffquant.backends.cpu import bf16 as cpu_bf16
 from diffquant.backends.cpu import host as cpu_host
 from diffquant.bench import compile_forward, sqnr_db, time_ms
 from diffquant.serialization import weight_bytes
@@ -152,6 +155,10 @@ def main() -> None:
     ap.add_argument("--tdq-iters", type=int, default=100)
     ap.add_argument("--no-pt2e", action="store_true")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument(
+        "--attention-bf16", action=argparse.BooleanOptionalAction, default=cpu_bf16(),
+        help="a diffquant row with the float attention in bfloat16 (default: where the CPU has bf16 instructions)",
+    )  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a narrow UNet of the same blocks: a quick check of the script")
     ap.add_argument("--out", default="benchmarks/results/sd_unet_cpu")
     args = ap.parse_args()
@@ -190,6 +197,7 @@ def main() -> None:
     info["q_weight_bytes"] = weight_bytes(q)
     with denoising_step(0, 500, 1):
         ref = q(x, t, ehs).sample
+    q_bf16 = copy.deepcopy(q) if args.attention_bf16 else None
     low, report = lower(q, "cpu")  # in place: the reference is not needed any more
     info["lowering"] = report.summary()
     row("diffquant cpu, eager", lambda: low(x, t, ehs), ref, recipe.name)
@@ -197,6 +205,13 @@ def main() -> None:
     row("diffquant cpu, torch.compile", lambda: low_c(x, t, ehs), ref, recipe.name)
     low = low_c = q = None
     gc.collect()
+    if q_bf16 is not None:  # the float attention as bfloat16 SDPA, as OpenVINO's default precision runs it
+        low, report = lower(q_bf16, "cpu", attention="bfloat16")
+        note = f"{recipe.name}, attention bfloat16 ({len(report.attention)} modules)"
+        low_c = compile_forward(low)
+        row("diffquant cpu, torch.compile, attention bf16", lambda: low_c(x, t, ehs), ref, note)
+        low = low_c = q_bf16 = None
+        gc.collect()
 
     if not args.no_pt2e:
         try:

@@ -166,6 +166,8 @@ class LoweringReport:
     lowered: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     step_quantizers: list[str] = field(default_factory=list)  # float per-step quantizers behind one op
+    attention: list[str] = field(default_factory=list)  # attention modules given a backend's kernel
+    notes: list[str] = field(default_factory=list)  # one line each in the summary
 
     def summary(self) -> str:
         lines = [f"{len(self.lowered)} layers on {self.kernels}, {len(self.kept)} on the float reference path"]
@@ -175,4 +177,4 @@ class LoweringReport:
         lines += [f"  {n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
         if self.step_quantizers:
             lines.append(f"{len(self.step_quantizers)} per-step activation quantizers (attention operands...) in float")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)

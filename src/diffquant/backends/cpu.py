@@ -81,7 +81,7 @@ from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.qtypes import get_qtype
 
-__all__ = ["Int8Conv2d", "Int8Linear", "LoweringError", "LoweringReport", "StepQuantizer", "lower"]
+__all__ = ["Bf16Attention", "Int8Conv2d", "Int8Linear", "LoweringError", "LoweringReport", "StepQuantizer", "lower"]
 
 # torch.quantize_per_tensor (the eager quantize step) warns that quantized dtypes are deprecated: it
 # only computes uint8 codes here, read out with int_repr
@@ -360,6 +360,23 @@ class Int8Linear(_Int8Layer):
     """A frozen :class:`QuantLinear` on oneDNN's int8 matmul."""
 
 
+class Bf16Attention(nn.Module):
+    """Float attention's two matmuls as one bfloat16 scaled-dot-product attention (oneDNN / AMX tiles on
+    CPUs with AMX-BF16, AVX512-BF16 instructions otherwise), its output back in float32.
+
+    Called as ``m(q, k, v, scale, mask)`` with ``(batch, heads, tokens, head_dim)`` operands, as a
+    quantized attention's :class:`~diffquant.nn.attention.QuantAttentionMatmuls` is. bfloat16 rounds
+    each operand to 8 significant bits: one attention's output about 48 dB from float32's (SD-1.5
+    shapes, ``benchmarks/probes/attention_kernels.py``), 2.3-3.6x faster there on an AMX Xeon.
+    """
+
+    def forward(self, q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = torch.bfloat16
+        mask = None if mask is None else mask.to(dtype)
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scale)
+        return out.to(q.dtype)
+
+
 INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")  # the flags that decide int8 speed (docs/backends.md)
 
 
@@ -392,6 +409,11 @@ def host() -> dict:
     numbers = f", family {out['family']} model {out['model_id']}" if out["family"] else ""
     out["text"] = f"{out['model']} ({', '.join(out['isa'])}{numbers})"
     return out
+
+
+def bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    return any(f in _cpuinfo()[1] for f in ("avx512_bf16", "amx_bf16"))
 
 
 def vnni() -> bool:
@@ -484,13 +506,17 @@ def _layer(m: QuantModule) -> _Int8Layer:
 
 
 @torch.no_grad()
-def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, LoweringReport]:
+def lower(model: nn.Module, exact: bool | None = None, attention: str = "float32") -> tuple[nn.Module, LoweringReport]:
     """Swap the model's quantized layers for int8-kernel layers (in place) where that is exact.
 
     Args:
         model: a quantized model (from :func:`diffquant.quantize` or :func:`diffquant.load_quantized`).
         exact: keep layers whose integer products could saturate (see :func:`saturation_free`) on
             the reference path. Default: on CPUs without VNNI, where that saturation happens.
+        attention: ``"bfloat16"`` runs the attention the recipe left float (``attention=False``) as
+            bfloat16 scaled-dot-product attention (:class:`Bf16Attention`; diffusers attention modules),
+            what OpenVINO does by default on CPUs with bf16 instructions; ``"float32"`` (default) keeps it.
+            Quantized attention matmuls stay on the reference path either way.
 
     Returns:
         ``(model, report)``: the same model object, and which layers were lowered.
@@ -500,6 +526,8 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
     """
     if not available():
         raise LoweringError("this PyTorch build has no oneDNN int8 kernels; use the reference backend")
+    if attention not in ("float32", "bfloat16"):
+        raise LoweringError(f"attention={attention!r}: choose float32 or bfloat16")
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
     if not targets:
         raise LoweringError("the model has no quantized layers: quantize it first (diffquant.quantize)")
@@ -518,4 +546,15 @@ def lower(model: nn.Module, exact: bool | None = None) -> tuple[nn.Module, Lower
         if q.scale.numel() > 1 and q.mode != "dynamic":  # attention operands, inputs of kept layers
             model.set_submodule(name, StepQuantizer(q))
             report.step_quantizers.append(name)
+    if attention == "bfloat16":
+        from diffquant.integrations import uses_diffusers
+
+        if uses_diffusers(model):
+            from diffquant.integrations.diffusers import set_attention_matmuls
+
+            report.attention = set_attention_matmuls(model, Bf16Attention)
+        report.notes.append(
+            f"{len(report.attention)} float attention modules in bfloat16"
+            + ("" if bf16() else " (this CPU has no bf16 instructions: expect it slower than float32)")
+        )
     return model, report

@@ -54,7 +54,9 @@ def shortcut_splits(model: nn.Module) -> dict[str, int]:
 
 
 class QuantAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` with the two matmuls done by ``attn.quant_matmuls``."""
+    """diffusers' ``AttnProcessor2_0`` with the two matmuls done by ``attn.quant_matmuls``: quantized
+    (:class:`~diffquant.nn.attention.QuantAttentionMatmuls`) or a backend's attention kernel
+    (:func:`set_attention_matmuls`)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -124,6 +126,29 @@ def quantize_attention(model: nn.Module, make, make_softmax, include=lambda name
         if type(module.processor).__name__ not in _SUPPORTED_PROCESSORS:
             continue
         module.quant_matmuls = QuantAttentionMatmuls(lambda role, n=name: make(n, role), lambda n=name: make_softmax(n))
+        module.set_processor(QuantAttnProcessor())
+        done.append(name)
+    return done
+
+
+def set_attention_matmuls(model: nn.Module, make) -> list[str]:
+    """Give every standard diffusers ``Attention`` of ``model`` whose matmuls are float the module
+    ``make()`` (called as ``m(q, k, v, scale, mask)``) for them; quantized attention is left as it is.
+
+    Returns:
+        Qualified names of the attention modules changed.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    done = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention) or isinstance(
+            getattr(module, "quant_matmuls", None), QuantAttentionMatmuls
+        ):
+            continue
+        if type(module.processor).__name__ not in _SUPPORTED_PROCESSORS:
+            continue
+        module.quant_matmuls = make()
         module.set_processor(QuantAttnProcessor())
         done.append(name)
     return done
