@@ -62,12 +62,14 @@ def vae(tiny: bool):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
     if tiny:
-        return AutoencoderKL(block_out_channels=(32, 32, 64, 64), norm_num_groups=16, layers_per_block=1).eval()
+        return AutoencoderKL(
+            block_out_channels=(32, 32, 64, 64), norm_num_groups=16, layers_per_block=1, **blocks
+        ).eval()
     return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    ).eval()  # fmt: skip
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512, **blocks
+    ).eval()
 
 
 class Timed:
