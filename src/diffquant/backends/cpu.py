@@ -268,22 +268,20 @@ class _Int8Layer(nn.Module):
         self.handle = next(HANDLES)
         _LAYERS[self.handle] = kernel
         self.source = source
-        # Inductor matches convolutions only with constant activation scales: a per-step or dynamic
-        # scale (a tensor) left the pattern as dequantize + float convolution (fashion-unet w8a8-tdq
-        # compiled 301 ms against 181 ms with the opaque op); Linear layers match with either. And the
-        # codes must fill [0, 255]: where it fuses the next layer's quantize step into a GEMM's output it
-        # saturates at 0 and 255 and drops a narrower grid's clamp (w8a7's [0, 127]: a random DiT at
-        # 43 dB against the eager path, 136 dB with the op)
+        # The codes must fill [0, 255]: where Inductor fuses the next layer's quantize step into a GEMM's
+        # output it saturates at 0 and 255 and drops a narrower grid's clamp (w8a7's [0, 127]: a random
+        # DiT at 43 dB against the eager path, 136 dB with the op). Convolutions with a tensor scale go
+        # through _pattern_conv (Inductor matches convolutions only with constant scales)
         self.pattern = (
-            weights is not None
-            and all(w is not None for w in weights)
-            and all(inp.grid == (0, 255) for inp in inputs)
-            and (kernel.kind == "linear" or all(inp.static_numbers is not None for inp in inputs))
+            weights is not None and all(w is not None for w in weights) and all(inp.grid == (0, 255) for inp in inputs)
         )
         # the pattern's int8 weights (beside the prepacked ones eager calls use), only where it runs;
         # persistent=False: a lowered model is not saved
         for i, w in enumerate(weights if self.pattern else []):
             self.register_buffer(f"wq{i}", w, persistent=False)
+            if kernel.kind == "conv" and inputs[i].static_numbers is None:  # sum of W per output channel
+                wsum = (w.float().sum((1, 2, 3)) * kernel.weight_scale).view(1, -1, 1, 1)
+                self.register_buffer(f"wsum{i}", wsum, persistent=False)
         self.register_buffer("w_zp", kernel.weight_zp if self.pattern else None, persistent=False)
 
     def _pattern_gemm(self, part: torch.Tensor, inp: _Input, i: int) -> torch.Tensor:
@@ -298,6 +296,8 @@ class _Int8Layer(nn.Module):
             z = round(z) + inp.shift
             codes = qd.quantize_per_tensor.default(part, s, z, lo, hi, torch.uint8)
             x = qd.dequantize_per_tensor.default(codes, s, z, lo, hi, torch.uint8)
+        elif self.kernel.kind == "conv":  # per step or dynamic: see _pattern_conv
+            return self._pattern_conv(part, inp, i)
         else:  # per step (table row at the step tensor) or dynamic: 0-d tensors
             scale, zp = inp.params(part)
             zp = (zp + inp.shift).round().to(torch.long)
@@ -311,6 +311,34 @@ class _Int8Layer(nn.Module):
             return F.linear(x, w, bias)
         c = self.kernel.conv
         return F.conv2d(x, w, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def _pattern_conv(self, part: torch.Tensor, inp: _Input, i: int) -> torch.Tensor:
+        """Part ``i`` of a convolution whose input scale is a tensor (per step, dynamic) as Inductor's
+        static pattern, which it matches for convolutions only with constant scales.
+
+        The codes ``clamp(round(x / s) + z)`` are those of ``x / s + z`` on the grid of scale 1 and zero
+        point 0 (``z`` is an integer), and ``conv(codes - z) = conv(codes) - z * sum(W)`` once every tap
+        sees an input value: the padding is applied to ``x`` first (a real 0, code ``z``) and the
+        convolution runs unpadded. So ``y = s * (conv(codes) - z * sum(W)) + b``: the integer
+        convolution on constant scales, its per-step factors applied to its output (fused by Inductor
+        into the op after it).
+        """
+        qd = torch.ops.quantized_decomposed
+        c = self.kernel.conv
+        lo, hi = inp.grid
+        scale, zp = inp.params(part)
+        zp = (zp + inp.shift).round()
+        ph, pw = c["padding"]
+        if ph or pw:
+            part = F.pad(part, (pw, pw, ph, ph))
+        codes = qd.quantize_per_tensor.default(part * (1.0 / scale) + zp, 1.0, 0, lo, hi, torch.uint8)
+        x = qd.dequantize_per_tensor.default(codes, 1.0, 0, lo, hi, torch.uint8)
+        w = qd.dequantize_per_channel(
+            getattr(self, f"wq{i}"), self.kernel.weight_scale, self.w_zp, 0, -128, 127, torch.int8
+        )
+        y = F.conv2d(x, w, None, c["stride"], 0, c["dilation"], c["groups"])
+        y = scale * (y - zp * getattr(self, f"wsum{i}"))
+        return y + self.kernel.bias.view(1, -1, 1, 1) if i == 0 and self.kernel.bias is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.kernel.kind == "conv"
