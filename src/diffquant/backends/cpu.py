@@ -35,8 +35,9 @@ which then writes uint8 codes instead of float, so the quantize step costs no pa
 the kernel is called directly.
 
 Compiled with Inductor's freezing on (what ``diffquant.bench.compile_forward`` does), a layer whose codes
-fill ``[0, 255]`` (8-bit asymmetric activations; Linear layers with any per-tensor scale, convolutions
-with static ones) traces PT2E's ``quantize -> dequantize -> GEMM`` pattern instead of the opaque op:
+fill ``[0, 255]`` (8-bit asymmetric activations with any per-tensor scale: static, per step, dynamic;
+convolutions with a tensor scale through rescaled codes, :meth:`_Int8Layer._pattern_conv`) traces
+PT2E's ``quantize -> dequantize -> GEMM`` pattern instead of the opaque op:
 Inductor's x86 int8 passes replace it by oneDNN GEMMs on weights they prepack, fuse the op after a GEMM
 into it (a GELU, a residual add) and the next layer's quantize step into its output, so int8 stays
 between layers there. The integers are the same (a test compares with the eager path); fashion-dit
