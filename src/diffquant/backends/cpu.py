@@ -45,7 +45,7 @@ between layers there. The integers are the same (a test compares with the eager 
 
 Attention the recipe left float (``attention=False``) runs as float32 scaled-dot-product attention,
 or, with ``lower(model, attention="bfloat16")``, as bfloat16 SDPA (:class:`Bf16Attention`: AMX tiles
-where the CPU has them; SD-1.5-shaped UNet ``w8a8-tdq`` compiled 1104 -> 766 ms on an AMX Xeon).
+where the CPU has them; SD-1.5-shaped UNet ``w8a8-tdq`` compiled 1181 -> 755 ms on an AMX Xeon).
 
 Layers the kernels cannot run exactly keep their float reference path and are listed, with the
 reason, in the :class:`LoweringReport`: per-group weights, FP8, float weights (weight-only recipes),
