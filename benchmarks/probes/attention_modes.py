@@ -13,7 +13,7 @@ Measured 2026-12-04, Intel Xeon with AMX (family 6 model 167), 2 threads, torch 
     fashion-unet   98.63           47.59 (2.07x)           44.85 (2.20x)       46.86 (2.10x)
 
 The quantized attention's reference path (fake-quant operands, explicit float matmuls) costs the DiT a
-quarter of its forward; bf16 SDPA does not pay at these short sequences (196 and 49-196 tokens).
+quarter of its forward; bf16 SDPA does not pay at these short sequences (the DiT's tokens, the UNet's 7x7 pixels).
 """
 
 from __future__ import annotations
