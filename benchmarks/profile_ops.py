@@ -11,7 +11,9 @@ events of ``--calls`` calls after warm-up are summed by op type:
     int8 conv / int8 linear       oneDNN's quantized kernels (Inductor's own or diffquant's opaque op)
     fp32 conv / fp32 linear       float convolutions and GEMMs (layers kept float, FP32 rows)
     attention                     scaled-dot-product attention kernels and float bmm
-    group norm, layer norm, ...   Inductor's fused kernels, named by the first op they fuse
+    group norm, layer norm, ...   Inductor's generated kernels, by the first of these ops they fuse
+                                  (they never hold a GEMM, whatever else their name lists)
+    other fused element-wise      generated kernels fusing none of those
     other                         the rest: copies, reorders, the compiled region's own overhead
 
 Variants: ``fp32`` (the float model), ``diffquant`` (``--recipe``, lowered to the CPU backend), ``pt2e``
@@ -35,15 +37,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# first match wins: (op type, pattern on the event name, lower-cased)
-KINDS = [
+# first match wins: (op type, pattern on the event name, lower-cased). Inductor's generated kernels
+# ("graph_0_cpp_fused_<ops>_<n>") are named after every op they fuse, a GEMM's neighbours included, but
+# never run a GEMM themselves (those are extern calls, events of their own): they take FUSED_KINDS only
+GEMM_KINDS = [
     ("int8 conv", r"qconv|quantized::conv"),
     ("int8 linear", r"qlinear|int8_gemm|_int_mm|quantized::linear"),
-    ("attention", r"scaled_dot_product|flash_attention|sdpa|aten::bmm|aten::baddbmm|softmax"),
-    ("fp32 conv", r"mkldnn_convolution|aten::convolution|mkl_convolution|_convolution_pointwise|conv2d"),
+    ("attention", r"scaled_dot_product|flash_attention|sdpa|aten::bmm|aten::baddbmm"),
+    ("fp32 conv", r"mkldnn_convolution|aten::convolution|mkl_convolution|_convolution_pointwise"),
     ("fp32 linear", r"aten::addmm|aten::mm|mkl_linear|_linear_pointwise|aten::linear"),
+]
+FUSED_KINDS = [
     ("group norm", r"group_norm"),
     ("layer norm", r"layer_norm"),
+    ("softmax", r"softmax"),
     ("quantize / dequantize", r"quantize|int_repr"),
     ("activation (silu, gelu)", r"silu|gelu|sigmoid"),
 ]
@@ -51,10 +58,11 @@ KINDS = [
 
 def kind(name: str) -> str:
     n = name.lower()
-    for k, pattern in KINDS:
+    fused = "cpp_fused" in n
+    for k, pattern in FUSED_KINDS if fused else GEMM_KINDS + FUSED_KINDS:
         if re.search(pattern, n):
             return k
-    return "other"
+    return "other fused element-wise" if fused else "other"
 
 
 def profile(fn, calls: int) -> tuple[dict, dict, float]:

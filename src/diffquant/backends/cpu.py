@@ -82,6 +82,7 @@ from diffquant.backends.common import (
     StepQuantizer,
     integer_obstacle,
 )
+from diffquant.nn.attention import QuantAttentionMatmuls
 from diffquant.nn.modules import QuantConv2d, QuantLinear, QuantModule
 from diffquant.nn.quantizer import ActQuantizer
 from diffquant.qtypes import get_qtype
@@ -285,6 +286,13 @@ class _Int8Layer(nn.Module):
                 self.register_buffer(f"wsum{i}", wsum, persistent=False)
         self.register_buffer("w_zp", kernel.weight_zp if self.pattern else None, persistent=False)
 
+    def _pattern_weight(self, i: int) -> torch.Tensor:
+        """Part ``i``'s int8 weights dequantized per channel, as PT2E's pattern has them (Inductor folds it)."""
+        qd = torch.ops.quantized_decomposed
+        return qd.dequantize_per_channel(
+            getattr(self, f"wq{i}"), self.kernel.weight_scale, self.w_zp, 0, -128, 127, torch.int8
+        )
+
     def _pattern_gemm(self, part: torch.Tensor, inp: _Input, i: int) -> torch.Tensor:
         """Part ``i`` as PT2E's quantize -> dequantize -> float GEMM pattern, which Inductor's x86 freezing
         passes match and replace by oneDNN's int8 GEMM on weights it prepacks itself, fusing its
@@ -304,9 +312,7 @@ class _Int8Layer(nn.Module):
             zp = (zp + inp.shift).round().to(torch.long)
             codes = qd.quantize_per_tensor.tensor(part, scale, zp, lo, hi, torch.uint8)
             x = qd.dequantize_per_tensor.tensor(codes, scale, zp, lo, hi, torch.uint8)
-        w = qd.dequantize_per_channel(
-            getattr(self, f"wq{i}"), self.kernel.weight_scale, self.w_zp, 0, -128, 127, torch.int8
-        )
+        w = self._pattern_weight(i)
         bias = self.kernel.bias if i == 0 else None
         if self.kernel.kind == "linear":
             return F.linear(x, w, bias)
@@ -334,9 +340,7 @@ class _Int8Layer(nn.Module):
             part = F.pad(part, (pw, pw, ph, ph))
         codes = qd.quantize_per_tensor.default(part * (1.0 / scale) + zp, 1.0, 0, lo, hi, torch.uint8)
         x = qd.dequantize_per_tensor.default(codes, 1.0, 0, lo, hi, torch.uint8)
-        w = qd.dequantize_per_channel(
-            getattr(self, f"wq{i}"), self.kernel.weight_scale, self.w_zp, 0, -128, 127, torch.int8
-        )
+        w = self._pattern_weight(i)
         y = F.conv2d(x, w, None, c["stride"], 0, c["dilation"], c["groups"])
         y = scale * (y - zp * getattr(self, f"wsum{i}"))
         return y + self.kernel.bias.view(1, -1, 1, 1) if i == 0 and self.kernel.bias is not None else y
@@ -585,7 +589,10 @@ def lower(model: nn.Module, exact: bool | None = None, attention: str = "float32
         if uses_diffusers(model):
             from diffquant.integrations.diffusers import set_attention_matmuls
 
-            report.attention = set_attention_matmuls(model, Bf16Attention)
+            def float_attention(name):  # quantized attention stays on the reference path
+                return not isinstance(getattr(model.get_submodule(name), "quant_matmuls", None), QuantAttentionMatmuls)
+
+            report.attention = set_attention_matmuls(model, lambda name: Bf16Attention(), float_attention)
         report.notes.append(
             f"{len(report.attention)} float attention modules in bfloat16"
             + ("" if bf16() else " (this CPU has no bf16 instructions: expect it slower than float32)")

@@ -117,6 +117,21 @@ def quantize_attention(model: nn.Module, make, make_softmax, include=lambda name
         Qualified names of the attention modules changed. Attention with another processor
         (joint attention of SD3/Flux, for example) is left in float and not listed.
     """
+
+    def matmuls(name):
+        return QuantAttentionMatmuls(lambda role: make(name, role), lambda: make_softmax(name))
+
+    return set_attention_matmuls(model, matmuls, include)
+
+
+def set_attention_matmuls(model: nn.Module, make, include=lambda name: True) -> list[str]:
+    """Give every standard diffusers ``Attention`` of ``model`` that ``include(name)`` accepts the module
+    ``make(name)`` for its two matmuls (called as ``m(q, k, v, scale, mask)``), through
+    :class:`QuantAttnProcessor`: quantized matmuls (:func:`quantize_attention`) or a backend's kernel.
+
+    Returns:
+        Qualified names of the attention modules changed; attention with another processor is left alone.
+    """
     from diffusers.models.attention_processor import Attention
 
     done = []
@@ -125,30 +140,7 @@ def quantize_attention(model: nn.Module, make, make_softmax, include=lambda name
             continue
         if type(module.processor).__name__ not in _SUPPORTED_PROCESSORS:
             continue
-        module.quant_matmuls = QuantAttentionMatmuls(lambda role, n=name: make(n, role), lambda n=name: make_softmax(n))
-        module.set_processor(QuantAttnProcessor())
-        done.append(name)
-    return done
-
-
-def set_attention_matmuls(model: nn.Module, make) -> list[str]:
-    """Give every standard diffusers ``Attention`` of ``model`` whose matmuls are float the module
-    ``make()`` (called as ``m(q, k, v, scale, mask)``) for them; quantized attention is left as it is.
-
-    Returns:
-        Qualified names of the attention modules changed.
-    """
-    from diffusers.models.attention_processor import Attention
-
-    done = []
-    for name, module in model.named_modules():
-        if not isinstance(module, Attention) or isinstance(
-            getattr(module, "quant_matmuls", None), QuantAttentionMatmuls
-        ):
-            continue
-        if type(module.processor).__name__ not in _SUPPORTED_PROCESSORS:
-            continue
-        module.quant_matmuls = make()
+        module.quant_matmuls = make(name)
         module.set_processor(QuantAttnProcessor())
         done.append(name)
     return done
